@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+import safetensors.torch as st
 
 from lathe.config import ModelConfig
 from lathe.errors import LatheError
@@ -24,7 +24,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: GPT, optimizer, state: di
     final = ckpt_root / name
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        st.save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optim.pt")
         write_json(tmp / "state.json", {"step": step, "model": model.cfg.model_dump(), **state})
@@ -73,7 +73,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
 
 
 def load_weights(model: GPT, ckpt: Path) -> None:
-    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    missing, unexpected = st.load_model(model, str(ckpt / "model.safetensors"), strict=False)
     # tied lm_head shares the embedding and may be stored once only
     missing = [m for m in missing if not (m == "lm_head.weight" and model.cfg.tie_embeddings)]
     if missing or unexpected:

@@ -84,6 +84,7 @@ def train(
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.to(d.device)
     optimizer = make_optimizer(model, cfg, d.device)
     state = {"tokens_seen": 0, "best_val": None, "best_checkpoint": None, "bad_evals": 0, "elapsed_s": 0.0}

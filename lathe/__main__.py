@@ -1,0 +1,5 @@
+import sys
+
+from lathe.cli import main
+
+sys.exit(main())
