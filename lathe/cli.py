@@ -6,10 +6,15 @@ Bad input ends in one clear line on stderr and a non-zero exit code, never a tra
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from lathe.errors import LatheError
+
+# Each area registers its own verbs: a module with `register(subparsers)` whose parsers call
+# `set_defaults(handler=fn)`, fn(args) -> exit code. Keep these modules light to import.
+EXTENSIONS = ["lathe.improve.cli", "lathe.finetune.cli", "lathe.align.cli", "lathe.eval.cli", "lathe.serve.cli"]
 
 
 def add_recipe_options(p: argparse.ArgumentParser, with_run: bool = True) -> None:
@@ -73,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int)
             p.add_argument("--num-samples", type=int)
             p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not (e.name and name.startswith(e.name)):  # area not built yet
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
@@ -116,7 +129,8 @@ def dispatch(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return dispatch(args)
+        handler = getattr(args, "handler", None)
+        return handler(args) if handler else dispatch(args)
     except LatheError as e:
         print(f"lathe: error: {e}", file=sys.stderr)
         return 2
