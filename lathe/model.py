@@ -193,9 +193,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if positions is None:
+            if start + T > self.cfg.block_size:  # checked on the host: no device sync per step
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
             positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        if positions.max() >= self.cfg.block_size:
-            raise ValueError(f"sequence position {int(positions.max())} exceeds block_size {self.cfg.block_size}")
         x = self.embed(idx)
         if self.cfg.pos_emb == "learned":
             x = x + self.pos_embed(positions)
