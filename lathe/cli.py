@@ -14,7 +14,8 @@ from lathe.errors import LatheError
 
 # Each area registers its own verbs: a module with `register(subparsers)` whose parsers call
 # `set_defaults(handler=fn)`, fn(args) -> exit code. Keep these modules light to import.
-EXTENSIONS = ["lathe.improve.cli", "lathe.finetune.cli", "lathe.align.cli", "lathe.eval.cli", "lathe.serve.cli"]
+EXTENSIONS = ["lathe.interop.cli", "lathe.improve.cli", "lathe.finetune.cli", "lathe.align.cli", "lathe.eval.cli",
+              "lathe.serve.cli"]
 
 
 def add_recipe_options(p: argparse.ArgumentParser, with_run: bool = True) -> None:
@@ -59,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, text in [("data", "collect, clean, deduplicate and split text"),
                        ("tokenizer", "train the BPE tokenizer and encode token shards"),
                        ("pretrain", "train the GPT on the token shards"),
-                       ("eval", "test-split loss, perplexity, bits-per-byte"),
                        ("generate", "sample text from the trained model"),
                        ("report", "write report.md and the loss curve")]:
         p = sub.add_parser(verb, help=text)
@@ -113,8 +113,6 @@ def dispatch(args) -> int:
         pipeline.stage_tokenizer(run, recipe)
     elif args.command == "pretrain":
         pipeline.stage_pretrain(run, recipe, resume=args.resume)
-    elif args.command == "eval":
-        pipeline.stage_eval(run, recipe)
     elif args.command == "generate":
         if args.stop:
             recipe.generate.stop = args.stop

@@ -22,7 +22,7 @@ from lathe.report import write_report
 from lathe.rundir import RunDir
 from lathe.tokenizer import Tokenizer, encode_shards, load_tokens, train_tokenizer_stage
 from lathe.train.batches import random_windows
-from lathe.train.checkpoint import load_model
+from lathe.train.checkpoint import latest_checkpoint, load_model
 from lathe.train.loop import train
 
 
@@ -49,7 +49,12 @@ def stage_data(run: RunDir, recipe: Recipe) -> dict:
 
 def stage_tokenizer(run: RunDir, recipe: Recipe) -> dict:
     run.require(run.split_file("train"), "data")
-    tok = train_tokenizer_stage(run, recipe.tokenizer)
+    if run.tokenizer.exists() and latest_checkpoint(run.checkpoints) is not None:
+        # the run's model was trained (or imported) with this tokenizer: retraining would orphan it
+        info("tokenizer: the run already has a model; keeping its tokenizer and encoding shards only")
+        tok = Tokenizer.from_file(run.tokenizer)
+    else:
+        tok = train_tokenizer_stage(run, recipe.tokenizer)
     meta = encode_shards(run, tok)
     info(f"tokenizer: vocab {tok.vocab_size}, " + ", ".join(
         f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items()))
