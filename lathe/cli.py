@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("tokenizer", "train the BPE tokenizer and encode token shards"),
                        ("pretrain", "train the GPT on the token shards"),
                        ("generate", "sample text from the trained model"),
-                       ("report", "write report.md and the loss curve")]:
+                       ("report", "write the report card: report.md, report.html and plots")]:
         p = sub.add_parser(verb, help=text)
         add_recipe_options(p)
         if verb == "data":
