@@ -67,12 +67,12 @@ def build(args):
     cfg = load_recipe("default", {f"model.{k}": v for k, v in shape.items()}).model
     torch.manual_seed(0)
     lathe_model = GPT(cfg.model_copy(update={"vocab_size": tok.vocab_size})).eval().to(args.device)
-    folder = Path(tempfile.mkdtemp(prefix="lathe-bench-hf-"))
-    export_hf(lathe_model.cpu(), tok, folder)
-    lathe_model.to(args.device)
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(args.device)
+    with tempfile.TemporaryDirectory(prefix="lathe-bench-hf-") as folder:
+        export_hf(lathe_model.cpu(), tok, folder)
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(args.device)
+    lathe_model.to(args.device)
     hf_model.generation_config.eos_token_id = None  # every row writes exactly --new-tokens, as lathe's do
     hf_model.generation_config.pad_token_id = tok.pad_id
     return tok, lathe_model, hf_model, texts
@@ -108,7 +108,8 @@ def run_hf(hf_model, prompts, new_tokens, pad_id) -> list[list[int]]:
     device = next(hf_model.parameters()).device
     with torch.inference_mode():
         out = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+                                do_sample=False, use_cache=True)  # no eos_token_id: exactly new_tokens
+    assert out.shape[1] == longest + new_tokens
     return out[:, longest:].tolist()
 
 

@@ -73,12 +73,16 @@ class KVCache:
     def advance(self, t: int) -> None:
         self.pos += t
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep, drop or repeat batch rows by index (finished rows leave; samples share a prefill)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+
     def repeat_rows(self, n: int) -> None:
         """Duplicate each row n times: several samples share one prefill."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.repeat_interleave(n, dim=0)
+        self.select_rows(torch.arange(self.k.size(1), device=self.k.device).repeat_interleave(n))
 
 
 # --- the transformer --------------------------------------------------------------------------
@@ -213,6 +217,8 @@ class GPT(nn.Module):
         """None means plain causal attention; with a cache, queries see every key up to themselves."""
         if cache is None or (cache.pos == 0 and cache.key_mask is None):
             return None
+        if T == 1 and cache.key_mask is None:
+            return None  # one new token sees every cached key: no mask to build per step
         n_keys = cache.pos + T
         q_pos = torch.arange(cache.pos, n_keys, device=device).unsqueeze(1)
         mask = torch.arange(n_keys, device=device).unsqueeze(0) <= q_pos  # (T, n_keys)

@@ -53,7 +53,7 @@ from lathe.errors import LatheError
 from lathe.generate import sample_next
 from lathe.serve.constrained import Constraint, Constrainer, check_matcher
 from lathe.serve.memory import Hit, MemoryStore, memory_note, query_of, with_memory
-from lathe.serve.tools import ToolCall, parse_tool_call, run_tool_call, ToolError
+from lathe.serve.tools import ToolCall, ToolError, parse_tool_call, run_tool_call
 
 
 class EngineBusy(RuntimeError):
@@ -316,7 +316,7 @@ class Engine:
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         if len(rows) > len(prompts):  # n samples per prompt: repeat rows instead of prefilling again
             owner = torch.tensor([row.request for row in rows], device=self.device)
-            _select_cache_rows(cache, owner)
+            cache.select_rows(owner)
             logits, lengths = logits[owner], lengths[owner]
         seen = None
         if any(r.repetition_penalty != 1.0 for r in requests):
@@ -464,7 +464,7 @@ class Engine:
         batch.rows = [batch.rows[k] for k in keep]
         if keep:
             index = torch.tensor(keep, device=self.device)
-            _select_cache_rows(batch.cache, index)
+            batch.cache.select_rows(index)
             batch.positions = batch.positions[index]
             if batch.seen is not None:
                 batch.seen = batch.seen[index]
@@ -504,10 +504,3 @@ def _unrun_call(raw: str) -> ToolCall:
         name, arguments = "", {}
     return ToolCall(name, arguments, None, raw)
 
-
-def _select_cache_rows(cache, index: torch.Tensor) -> None:
-    """Keep (or repeat) cache rows by index: drop finished rows, or give a prompt's rows to its samples."""
-    cache.k = cache.k.index_select(1, index)
-    cache.v = cache.v.index_select(1, index)
-    if cache.key_mask is not None:
-        cache.key_mask = cache.key_mask.index_select(0, index)
