@@ -61,7 +61,7 @@ def micro_index(step: int, micro: int, d: Dist, cfg: TrainConfig) -> int:
     return step * (d.world_size * cfg.grad_accum) + d.rank * cfg.grad_accum + micro
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """After a resume, rows logged past the checkpoint would be logged again: drop them."""
     rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -97,7 +97,7 @@ def train(
         state.update({k: saved[k] for k in state if k in saved})
         start_step = saved["step"]
         if d.is_main:
-            _truncate_metrics(metrics_path, start_step)
+            truncate_metrics(metrics_path, start_step)
             info(f"resuming {stage} from {ckpt} (step {start_step})")
     elif d.is_main and metrics_path.exists() and not resume:
         metrics_path.unlink()  # a fresh run starts a fresh curve
