@@ -34,6 +34,8 @@ def overrides_of(args) -> list[str]:
         out.append(f"train.max_steps={args.steps}")
     if getattr(args, "device", None):
         out.append(f"train.device={args.device}")
+    if getattr(args, "executor", None):
+        out.append(f"data.executor={args.executor}")
     if getattr(args, "data", None):
         out.append(f"data.sources={json.dumps(args.data)}")  # JSON is valid YAML
     for flag, field in GENERATE_FLAGS.items():
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "data":
             p.add_argument("--data", nargs="+", help="files, folders or globs")
             p.add_argument("--name", help="start a new run with this name (default: use --run or a new run)")
+            p.add_argument("--executor", choices=["local", "slurm", "ray"], help="where the data pipeline runs")
         if verb == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         if verb == "generate":

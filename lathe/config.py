@@ -7,7 +7,7 @@ applies `section.field=value` overrides from the command line, and validates the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,15 +21,179 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# --- data: sources, cleaning, filters, dedup, mixture, execution (lathe/data) ----------------------
+class DataSource(Section):
+    """One entry of data.sources written as a mapping; a plain string is the same with the defaults."""
+    path: str = Field(description="a file, folder, glob, or fsspec URL (hf://datasets/..., s3://...)")
+    weight: float = Field(1.0, ge=0, description="mixture weight: 0.5 keeps half the documents, 2 repeats each twice in train")
+    name: Optional[str] = Field(None, description="label in the manifest and data card (default: the folder or file name)")
+    text_field: Optional[str] = Field(None, description="field holding the text in .jsonl/.parquet (default: data.text_field)")
+
+
+class CleanConfig(Section):
+    fix_unicode: bool = True  # ftfy: repair mojibake ("cafÃ©" -> "café"), C1 controls, terminal escapes
+    normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    lowercase: bool = False
+
+
+class BoilerplateConfig(Section):
+    """Lines repeated at the start or end of many documents of a source (headers, footers, licence banners)."""
+    enabled: bool = False
+    edge_lines: int = Field(3, ge=1, description="lines at each end of a document that may be boilerplate")
+    min_docs: int = Field(5, ge=2, description="a line is boilerplate if it is at the edges of at least this many documents")
+    min_fraction: float = Field(0.01, ge=0, le=1, description="... and of at least this fraction of the source's documents")
+    min_line_chars: int = Field(16, ge=1, description="shorter lines are never boilerplate ('}', 'Thanks!')")
+    patterns: list[str] = Field(default_factory=list, description="regexes: matching lines are removed anywhere")
+
+
+class PIIConfig(Section):
+    emails: bool = True
+    phones: bool = True
+    ips: bool = True
+    public_ips_only: bool = True  # 127.0.0.1 and 192.168.x.x are not personal
+    email_replacement: str = "<EMAIL>"
+    phone_replacement: str = "<PHONE>"
+    ip_replacement: str = "<IP>"
+
+
+class GopherQualityConfig(Section):
+    """Gopher quality rules (Rae et al. 2021, table A1); the fields are datatrove's GopherQualityFilter arguments."""
+    enabled: bool = False
+    min_doc_words: Optional[int] = 50
+    max_doc_words: Optional[int] = 100_000
+    min_avg_word_length: Optional[float] = 3
+    max_avg_word_length: Optional[float] = 10
+    max_symbol_word_ratio: Optional[float] = 0.1
+    max_bullet_lines_ratio: Optional[float] = 0.9
+    max_ellipsis_lines_ratio: Optional[float] = 0.3
+    max_non_alpha_words_ratio: Optional[float] = 0.8
+    min_stop_words: Optional[int] = 2
+    stop_words: Optional[list[str]] = None
+
+
+class GopherRepetitionConfig(Section):
+    """Gopher repetition rules: duplicate lines, paragraphs and n-grams (datatrove's GopherRepetitionFilter)."""
+    enabled: bool = False
+    dup_line_frac: Optional[float] = 0.3
+    dup_para_frac: Optional[float] = 0.3
+    dup_line_char_frac: Optional[float] = 0.2
+    dup_para_char_frac: Optional[float] = 0.2
+    top_n_grams: list[tuple[int, float]] = [(2, 0.2), (3, 0.18), (4, 0.16)]
+    dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+
+
+class C4QualityConfig(Section):
+    """C4 rules (Raffel et al. 2020): keeps lines ending in punctuation, drops pages with '{' or lorem ipsum."""
+    enabled: bool = False
+    split_paragraph: bool = True
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = True
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebQualityConfig(Section):
+    """FineWeb's extra rules (Penedo et al. 2024): line punctuation, short lines, duplicated lines, list-like pages."""
+    enabled: bool = False
+    line_punct_thr: float = 0.12
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+class LanguageFilterConfig(Section):
+    """fastText language ID. Needs a local model file: nothing is downloaded at run time."""
+    enabled: bool = False
+    languages: list[str] = ["en"]
+    threshold: float = Field(0.65, ge=0, le=1)
+    model_path: Optional[str] = Field(None, description="a local fastText LID model such as lid.176.bin")
+
+
+class FiltersConfig(Section):
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    c4: C4QualityConfig = C4QualityConfig()
+    fineweb: FineWebQualityConfig = FineWebQualityConfig()
+    language: LanguageFilterConfig = LanguageFilterConfig()
+
+
+class DedupConfig(Section):
+    exact: bool = True  # same text after cleaning (sha256)
+    near: bool = True  # MinHash LSH over word n-grams
+    ngram: int = Field(5, ge=1, description="words per shingle")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity at which documents count as near-duplicates")
+    num_perm: int = Field(112, ge=2, le=1024, description="MinHash permutations; bands*rows when those are chosen")
+    bands: Optional[int] = Field(None, ge=1, description="LSH bands; None = chosen from threshold and num_perm")
+    rows: Optional[int] = Field(None, ge=1, description="hashes per band; None = chosen from threshold and num_perm")
+    seed: int = 1
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both dedup.bands and dedup.rows, or neither (then threshold and num_perm choose them)")
+        return self
+
+
+class EvalSetConfig(Section):
+    path: str
+    fields: list[str] = Field(default_factory=list, description="jsonl/parquet fields with text; [] = every string field")
+
+
+class DecontaminateConfig(Section):
+    """Drop training documents that share an n-gram with an evaluation set, so held-out tests stay held out."""
+    sets: list[Union[str, EvalSetConfig]] = Field(default_factory=list, description="evaluation files (.jsonl, .txt, ...)")
+    ngram: int = Field(13, ge=4, description="words per n-gram (GPT-3 used 13)")
+
+
+class SlurmConfig(Section):
+    partition: Optional[str] = None
+    time: str = "12:00:00"
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: int = Field(2, ge=1)
+    venv_path: Optional[str] = Field(None, description="activate script sourced by each job, e.g. .venv/bin/activate")
+    sbatch_args: dict[str, str] = Field(default_factory=dict)
+
+
+class RayConfig(Section):
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2, gt=0)
+
+
 class DataConfig(Section):
-    sources: list[str] = Field(default_factory=list, description="files, folders or globs; empty = Python stdlib sources")
-    extensions: list[str] = [".txt", ".md", ".py", ".jsonl"]
-    text_field: str = "text"  # the field holding the text in .jsonl files
+    sources: list[Union[str, DataSource]] = Field(
+        default_factory=list, description="files, folders, globs or URLs (or {path, weight, name}); empty = Python stdlib sources")
+    extensions: list[str] = [".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".parquet", ".html", ".htm"]
+    text_field: str = "text"  # the field holding the text in .jsonl/.parquet files
     min_chars: int = Field(32, ge=0)
     max_chars: int = Field(100_000, gt=0)
-    max_total_bytes: Optional[int] = Field(None, gt=0, description="stop collecting after this many bytes")
+    max_total_bytes: Optional[int] = Field(None, gt=0, description="read at most this many input bytes, shared evenly by sources")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     test_fraction: float = Field(0.05, ge=0, lt=1)
+    on_decode_error: Literal["skip", "replace", "repair"] = Field(
+        "repair", description="invalid UTF-8: skip the file, replace bad bytes with U+FFFD, or repair them as cp1252")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="a malformed .jsonl line or parquet row")
+    split_long_files: bool = Field(True, description="cut plain-text files over max_chars at blank lines into documents")
+    clean: CleanConfig = CleanConfig()
+    boilerplate: BoilerplateConfig = BoilerplateConfig()
+    pii: PIIConfig = PIIConfig()
+    filters: FiltersConfig = FiltersConfig()
+    dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
+    executor: Literal["local", "slurm", "ray"] = "local"
+    tasks: Optional[int] = Field(None, ge=1, description="shards; None = one per shard_mb of input (same on any machine)")
+    shard_mb: float = Field(64, gt=0)
+    workers: Optional[int] = Field(None, ge=1, description="local processes at a time; None = one per CPU core")
+    work_dir: Optional[str] = Field(None, description="intermediate files; None = <run>/data/work (a URL on clusters)")
+    keep_work: bool = False  # keep the intermediate files after a successful run
+    slurm: SlurmConfig = SlurmConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check(self):

@@ -22,9 +22,20 @@ def write(path: Path, text: str | bytes) -> Path:
     return path
 
 
+def letters(k: int) -> str:
+    """k in base 26 as letters: 0 -> 'a', 27 -> 'bb'."""
+    out = ""
+    while True:
+        k, r = divmod(k, 26)
+        out = chr(97 + r) + out
+        if not k:
+            return out
+
+
 def words(i: int, n: int = 12) -> str:
-    """A distinct document of about n words."""
-    return " ".join(f"word{i}_{j}" for j in range(n))
+    """A distinct document of about n words. Distinct in letters, not only digits: near-dedup normalizes
+    every number to 0, so 'word1_3' and 'word2_3' would be the same shingle."""
+    return " ".join(f"w{letters(i)}x{letters(j)}" for j in range(n))
 
 
 def cfg(sources, **kw) -> DataConfig:
@@ -95,10 +106,11 @@ def test_max_total_bytes_samples_every_source_and_counts_what_is_left(tmp_path):
     m = prepare_data(cfg([tmp_path / "p", tmp_path / "q"], max_total_bytes=450), RunDir(tmp_path / "run"))
 
     assert m["budget_reached"] and m["totals"]["bytes"] == 400 <= 450
-    assert {r["source"] for r in all_rows(RunDir(tmp_path / "run"))} == {"p", "q"}  # round-robin
+    assert {r["source"] for r in all_rows(RunDir(tmp_path / "run"))} == {"p", "q"}  # shared by sources
+    assert m["budget"]["shares"] == {"p": 225, "q": 225} and m["budget"]["selected_bytes"] == 400
     left = m["totals"]["removed"]["over_max_total_bytes"]
-    # p2 would overflow: it is left out and the other 15 files are not read
-    assert left == {"files": 15, "documents": 1, "bytes": 16 * 100}
+    # each source takes 2 files (200 of its 225 bytes); the 3rd would overflow: it and the rest are not read
+    assert left == {"files": 16, "documents": 0, "bytes": 16 * 100}
 
 
 # --- splits -------------------------------------------------------------------------------------
@@ -185,7 +197,7 @@ def test_binary_and_non_utf8_files_are_skipped_and_named(tmp_path, monkeypatch):
         write(tmp_path / "d" / f"ok{i}.txt", words(i))
     binary = write(tmp_path / "d" / "image.txt", b"PNG\x00\x00\x1a\x00data")
     latin1 = write(tmp_path / "d" / "latin1.md", "caf\u00e9 cr\u00e8me".encode("latin-1"))
-    m = prepare_data(cfg([tmp_path / "d"]), RunDir(tmp_path / "run"))
+    m = prepare_data(cfg([tmp_path / "d"], on_decode_error="skip"), RunDir(tmp_path / "run"))
 
     assert len(warnings) == 2
     assert any(str(binary) in w and "binary" in w for w in warnings)
@@ -223,6 +235,7 @@ def test_shared_text_corpora_give_three_sources(tmp_path, shared_data):
     m = prepare_data(DataConfig(sources=[str(shared_data / "text" / "*")], max_total_bytes=200_000),
                      RunDir(tmp_path / "run"))
     assert sorted(m["sources"]) == ["abc", "state_union", "webtext"]
-    assert m["budget_reached"] and 0 < m["totals"]["bytes"] <= 200_000
+    assert m["budget_reached"] and 0 < m["budget"]["selected_bytes"] <= 200_000 and m["totals"]["bytes"] > 0
+    assert all(m["sources"][s]["documents"] > 0 for s in m["sources"])  # the budget is shared by sources
     assert all(m["splits"][s]["documents"] > 0 for s in SPLITS)
     assert json.loads((tmp_path / "run" / "data" / "manifest.json").read_text()) == m

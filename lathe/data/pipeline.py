@@ -1,240 +1,171 @@
-"""The data stage: sources -> clean -> filter (length, exact dedup, byte budget) -> split -> jsonl + manifest.
+"""The data stage: sources -> plan -> datatrove stages -> data/{train,val,test}.jsonl, manifest, card.
 
-Files are read round-robin across sources (one file from each in turn), so a `max_total_bytes` budget
-samples every source instead of filling up on the first one. Byte counts are UTF-8 bytes of cleaned text,
-except for files never decoded (skipped, or not read after the budget), which count their size on disk.
+    manifest = prepare_data(recipe.data, run)
+    for row in read_split(run, "train"): row["id"], row["source"], row["text"]
 
-The split of a document depends only on its text: h = sha256(cleaned text), u = int(h[:8], 16) / 2**32;
-u < val_fraction -> val, u < val_fraction + test_fraction -> test, else train. The same documents land in
-the same splits on any machine, in any order. Rows within a split file are sorted by hash, so the files are
-a function of the set of documents. With >= 3 documents no wanted split is left empty: an empty split
-takes the smallest-hash document of the largest split (nearly always train).
+prepare_data resolves the sources (errors before anything is written), makes the plan (budget, tasks;
+see plan.py), writes it to the work folder, builds the five stages (executors.py) and runs them. Locally
+it waits, then reports: a warning per skipped file, the budget, and the mixture with its estimated
+tokens. On Slurm it returns once the job arrays are submitted; the manifest appears when they finish.
+
+The work folder (data.work_dir, default <run>/data/.work) holds the intermediate files: shards of
+cleaned documents, MinHash signatures, duplicate lists, per-task counts. It is removed after a
+successful local run unless data.keep_work. Cluster runs resume: tasks already completed are skipped
+when the configuration and the plan are unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
-from itertools import zip_longest
-from pathlib import Path
 from typing import Iterator
 
 from lathe.config import DataConfig
-from lathe.console import info, progress_bar, warn
-from lathe.data.clean import clean_text, text_hash
-from lathe.data.sources import Source, SkipFile, read_texts, resolve_sources
+from lathe.console import info, warn
+from lathe.data.card import TOKEN_ESTIMATE, est_tokens
+from lathe.data.dedup import build_decont_index, candidate_probability, lsh_params
+from lathe.data.filters import language_unavailable
+from lathe.data.ledger import Ledger
+from lathe.data.plan import Plan, make_plan
+from lathe.data.sources import resolve_sources
+from lathe.data.splits import SPLITS, Doc, assign_splits  # noqa: F401  (Doc, assign_splits: public API)
 from lathe.errors import LatheError
-from lathe.io import atomic_path, write_json
+from lathe.io import read_json
 from lathe.rundir import RunDir
 
-SPLITS = ("train", "val", "test")
-FILTERS = ("too_short", "too_long", "duplicate", "binary_or_non_utf8", "unreadable", "over_max_total_bytes")
-MAX_LISTED_SKIPS = 20  # skipped file names kept per source in the manifest
 MAX_SKIP_WARNINGS = 10  # warnings printed before the rest are only counted
+FILTER_NAMES = ("gopher_repetition", "gopher_quality", "c4", "fineweb", "language")
 
 
-@dataclass
-class Doc:
-    hash: str
-    source: str
-    text: str
-
-    @property
-    def id(self) -> str:
-        return self.hash[:16]
-
-    @property
-    def unit(self) -> float:
-        """A stable number in [0, 1) from the hash: the split coordinate."""
-        return int(self.hash[:8], 16) / 2**32
-
-
-def _new_stats(source: Source) -> dict:
-    return {
-        "spec": source.spec,
-        "files": len(source.files),
-        "files_read": 0,
-        "files_skipped": 0,
-        "documents": 0,
-        "bytes": 0,
-        "skipped_files": [],
-        "removed": {f: {"files": 0, "documents": 0, "bytes": 0} for f in FILTERS},
-    }
-
-
-class Collector:
-    """Reads the sources, cleans and filters documents, and keeps the counts for the manifest."""
-
-    def __init__(self, cfg: DataConfig, sources: list[Source]):
-        self.cfg, self.sources = cfg, sources
-        self.stats = {s.label: _new_stats(s) for s in sources}
-        self.docs: list[Doc] = []
-        self.seen: set[str] = set()
-        self.total_bytes = 0
-        self.budget_reached = False
-        self.skips_warned = 0
-
-    def _remove(self, label: str, reason: str, nbytes: int, files: int = 0, documents: int = 1) -> None:
-        entry = self.stats[label]["removed"][reason]
-        entry["files"] += files
-        entry["documents"] += documents
-        entry["bytes"] += nbytes
-
-    def add(self, label: str, raw: str) -> None:
-        """Clean one raw text and keep it unless a filter removes it. Sets budget_reached when full."""
-        text = clean_text(raw)
-        nbytes = len(text.encode("utf-8"))
-        h = text_hash(text)
-        if len(text) < max(self.cfg.min_chars, 1):  # an empty document is never kept
-            return self._remove(label, "too_short", nbytes)
-        if len(text) > self.cfg.max_chars:
-            return self._remove(label, "too_long", nbytes)
-        if h in self.seen:
-            return self._remove(label, "duplicate", nbytes)
-        budget = self.cfg.max_total_bytes
-        if budget is not None and self.total_bytes + nbytes > budget:
-            self.budget_reached = True  # this document would overflow the budget: it and all later are left out
-            return self._remove(label, "over_max_total_bytes", nbytes)
-        self.seen.add(h)
-        self.docs.append(Doc(h, label, text))
-        self.total_bytes += nbytes
-        self.stats[label]["documents"] += 1
-        self.stats[label]["bytes"] += nbytes
-
-    def skip(self, label: str, path: Path, err: SkipFile) -> None:
-        stats = self.stats[label]
-        stats["files_skipped"] += 1
-        if len(stats["skipped_files"]) < MAX_LISTED_SKIPS:
-            stats["skipped_files"].append({"file": str(path), "reason": err.reason})
-        self._remove(label, err.kind, _size(path), files=1, documents=0)
-        self.skips_warned += 1
-        if self.skips_warned <= MAX_SKIP_WARNINGS:
-            warn(f"skipped {err.reason}")
-        elif self.skips_warned == MAX_SKIP_WARNINGS + 1:
-            warn("more files skipped; the manifest lists them per source")
-
-    def read_file(self, label: str, path: Path) -> None:
-        if self.budget_reached:  # not read at all: count the file and its size on disk
-            return self._remove(label, "over_max_total_bytes", _size(path), files=1, documents=0)
-        try:
-            for raw in read_texts(path, self.cfg.text_field):
-                self.add(label, raw)
-                if self.budget_reached:
-                    break  # the rest of a .jsonl file is not read
-        except SkipFile as err:
-            return self.skip(label, path, err)
-        self.stats[label]["files_read"] += 1
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _round_robin(sources: list[Source]) -> Iterator[tuple[str, Path]]:
-    """(label, file) taking one file from each source in turn."""
-    lanes = [[(s.label, f) for f in s.files] for s in sources]
-    for row in zip_longest(*lanes):
-        yield from (item for item in row if item is not None)
-
-
-def collect(cfg: DataConfig, sources: list[Source]) -> Collector:
-    col = Collector(cfg, sources)
-    with progress_bar() as p:
-        task = p.add_task("data", total=sum(len(s.files) for s in sources), status="")
-        for label, path in _round_robin(sources):
-            col.read_file(label, path)
-            p.update(task, advance=1, status=f"{label}: {col.total_bytes / 1e6:.1f} MB kept")
-    return col
-
-
-# --- splitting ----------------------------------------------------------------------------------
-def assign_splits(docs: list[Doc], val_fraction: float, test_fraction: float) -> dict[str, list[Doc]]:
-    """Split by hash (see the module docstring). Rows in each split are sorted by hash."""
-    splits: dict[str, list[Doc]] = {s: [] for s in SPLITS}
-    for d in sorted(docs, key=lambda d: d.hash):
-        u = d.unit
-        splits["val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"].append(d)
-    wanted = ["train"] + [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0]
-    if len(docs) >= 3:
-        for name in wanted:
-            if not splits[name]:
-                donor = max(SPLITS, key=lambda s: len(splits[s]))  # ties: train first
-                splits[name].append(splits[donor].pop(0))  # lists are hash-sorted: pop(0) = smallest hash
-    else:
-        empty = [s for s in wanted if not splits[s]]
-        if empty:
-            warn(f"only {len(docs)} document(s): split(s) {', '.join(empty)} are empty")
-    return splits
-
-
-# --- writing ------------------------------------------------------------------------------------
-def _write_split(path: Path, docs: list[Doc]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for d in docs:
-            f.write(json.dumps({"id": d.id, "source": d.source, "text": d.text}, ensure_ascii=False) + "\n")
-
-
-def _totals(stats: dict) -> dict:
-    counts = ("files", "files_read", "files_skipped", "documents", "bytes")
-    totals: dict = {k: sum(s[k] for s in stats.values()) for k in counts}
-    totals["removed"] = {
-        r: {k: sum(s["removed"][r][k] for s in stats.values()) for k in ("files", "documents", "bytes")}
-        for r in FILTERS
-    }
-    return totals
-
-
-def build_manifest(cfg: DataConfig, col: Collector, splits: dict[str, list[Doc]]) -> dict:
-    return {
-        "version": 1,
-        "config": cfg.model_dump(mode="json"),
-        "sources": col.stats,
-        "totals": _totals(col.stats),
-        "budget_reached": col.budget_reached,
-        "splits": {
-            name: {
-                "documents": len(docs),
-                "chars": sum(len(d.text) for d in docs),
-                "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
-            }
-            for name, docs in splits.items()
-        },
-    }
-
-
-def _no_documents_error(cfg: DataConfig, col: Collector) -> LatheError:
-    removed = _totals(col.stats)["removed"]
-    why = ", ".join(f"{r} {v['documents']} documents/{v['files']} files"
-                    for r, v in removed.items() if v["documents"] or v["files"])
-    return LatheError(
-        f"no documents left from data sources {cfg.sources or '(python stdlib)'} "
-        f"(removed: {why or 'nothing'}; min_chars={cfg.min_chars}, max_chars={cfg.max_chars}, "
-        f"max_total_bytes={cfg.max_total_bytes})"
-    )
+def work_dir(cfg: DataConfig, run: RunDir) -> str:
+    return cfg.work_dir or str((run.data / ".work").resolve())
 
 
 def prepare_data(cfg: DataConfig, run: RunDir) -> dict:
-    """Collect, clean, filter and split documents into run.data/{train,val,test}.jsonl; return the manifest."""
-    sources = resolve_sources(cfg.sources, cfg.extensions)
-    col = collect(cfg, sources)
-    if not col.docs:
-        raise _no_documents_error(cfg, col)
-    splits = assign_splits(col.docs, cfg.val_fraction, cfg.test_fraction)
-    run.manifest.unlink(missing_ok=True)  # the manifest marks a complete data stage: written last
-    for name, docs in splits.items():
-        _write_split(run.split_file(name), docs)
-    manifest = build_manifest(cfg, col, splits)
-    write_json(run.manifest, manifest)
-    if col.budget_reached:
-        info(f"data: stopped at max_total_bytes={cfg.max_total_bytes:,} ({col.total_bytes:,} bytes kept)")
+    """Collect, clean, filter, deduplicate, mix and split documents into run.data/{train,val,test}.jsonl;
+    return the manifest (on Slurm: a note of what was submitted)."""
+    from datatrove.io import get_datafolder
+
+    from lathe.data.executors import build_stages, make_executors, run_cluster, run_local
+
+    sources = resolve_sources(cfg)
+    ledger = Ledger()
+    plan = make_plan(cfg, sources, ledger)
+    work = work_dir(cfg, run)
+    folder = get_datafolder(work)
+    fingerprint = _fingerprint(cfg, plan)
+    if cfg.executor == "local" or not _same_fingerprint(folder, fingerprint):
+        _clear(folder, work)
+    _write_plan(folder, cfg, plan, ledger, fingerprint)
+    run.data.mkdir(parents=True, exist_ok=True)
+    weights = {s["label"]: s["weight"] for s in plan.sources}
+    stages = build_stages(cfg, work, str(run.path.resolve()), plan.tasks, weights)
+    executors = make_executors(stages, cfg, work)
+    info(f"data: {sum(len(s.files) for s in sources):,} files in {len(sources)} source(s), "
+         f"{len(plan.files):,} to read in {plan.tasks} task(s) with the {cfg.executor} executor")
+    if cfg.executor != "local":
+        run_cluster(executors)
+        if cfg.executor == "slurm":
+            info(f"data: submitted to Slurm; {run.manifest} appears when the last job ends (logs: {work}/logs)")
+            return {"submitted": "slurm", "work_dir": work, "splits": {}}
+    else:
+        run_local(stages, executors)
+    manifest = read_json(run.manifest)
+    _report(cfg, manifest)
+    info(f"data: card at {run.data / 'card.md'}")
+    if cfg.executor == "local" and not cfg.keep_work:
+        folder.rm("", recursive=True)
     return manifest
+
+
+def _fingerprint(cfg: DataConfig, plan: Plan) -> str:
+    text = cfg.model_dump_json() + plan.to_lines()
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _clear(folder, work: str) -> None:
+    """Empty the work folder, but only one lathe made (it has a fingerprint) or an empty one."""
+    if not folder.exists(""):
+        return
+    if not folder.exists("fingerprint") and folder.ls("", detail=False):
+        raise LatheError(f"data.work_dir {work} holds files that lathe did not write; give a new or empty folder")
+    folder.rm("", recursive=True)
+
+
+def _same_fingerprint(folder, fingerprint: str) -> bool:
+    try:
+        with folder.open("fingerprint", "r") as f:
+            return f.read().strip() == fingerprint
+    except FileNotFoundError:
+        return False
+
+
+def _write_plan(folder, cfg: DataConfig, plan: Plan, ledger: Ledger, fingerprint: str) -> None:
+    """Everything the tasks read besides the documents: plan, sources, settings for the card, plan counts."""
+    with folder.open("plan.jsonl", "w") as f:
+        f.write(plan.to_lines())
+    with folder.open("sources.json", "w") as f:
+        json.dump(plan.sources, f)
+    with folder.open("stats/plan/00000.json", "w") as f:
+        f.write(ledger.to_json())
+    decont_sets = build_decont_index(cfg, _subfolder(folder, "decont")) if cfg.decontaminate.sets else {}
+    with folder.open("run.json", "w") as f:
+        json.dump(_card_settings(cfg, plan, decont_sets), f)
+    with folder.open("fingerprint", "w") as f:
+        f.write(fingerprint)
+
+
+def _subfolder(folder, name: str):
+    from datatrove.io import get_datafolder
+
+    return get_datafolder(folder.resolve_paths(name))
+
+
+def _card_settings(cfg: DataConfig, plan: Plan, decont_sets: dict) -> dict:
+    bands, rows = lsh_params(cfg.dedup)
+    filters = {}
+    for name in FILTER_NAMES:
+        section = getattr(cfg.filters, name)
+        status = "on" if section.enabled else "off"
+        if name == "language" and section.enabled and (why := language_unavailable(cfg.filters)):
+            status = why
+        filters[name] = {"status": status, "params": section.model_dump(exclude={"enabled"}) if status == "on" else {}}
+    return {
+        "sources": plan.sources, "tasks": plan.tasks, "budget_reached": plan.budget_reached, "filters": filters,
+        "dedup": {"exact": cfg.dedup.exact, "near": cfg.dedup.near, "ngram": cfg.dedup.ngram,
+                  "threshold": cfg.dedup.threshold, "bands": bands, "rows": rows,
+                  "curve": {s: candidate_probability(s, bands, rows) for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)}},
+        "decontamination": {"ngram": cfg.decontaminate.ngram, "sets": decont_sets},
+        "boilerplate": cfg.boilerplate.model_dump(),
+    }
+
+
+def _report(cfg: DataConfig, manifest: dict) -> None:
+    """Warnings for skipped files, the budget, and the mixture the tokenizer will see."""
+    skips = [(name, s) for name, src in manifest["sources"].items() for s in src["skipped_files"]]
+    for _, s in skips[:MAX_SKIP_WARNINGS]:
+        warn(f"skipped {s['reason']}")
+    if len(skips) > MAX_SKIP_WARNINGS or manifest["totals"]["files_skipped"] > len(skips[:MAX_SKIP_WARNINGS]):
+        warn(f"{manifest['totals']['files_skipped']:,} files skipped in all; the manifest lists them per source")
+    empty = [s for s in SPLITS if not manifest["splits"][s]["documents"]
+             and (s == "train" or getattr(cfg, f"{s}_fraction") > 0)]
+    if empty:
+        warn(f"only {manifest['totals']['documents']} document(s): split(s) {', '.join(empty)} are empty")
+    if manifest["budget_reached"]:
+        info(f"data: stopped at max_total_bytes={cfg.max_total_bytes:,} "
+             f"({manifest['budget']['selected_bytes']:,} input bytes read, {manifest['totals']['bytes']:,} kept)")
+    train = sum(src["steps"].get("split_train", {}).get("bytes", 0) for src in manifest["sources"].values()) or 1
+    info(f"data: mixture of train (tokens = {TOKEN_ESTIMATE}):")
+    for name, src in manifest["sources"].items():
+        t = src["steps"].get("split_train", {"documents": 0, "bytes": 0})
+        info(f"  {name:24s} weight {src['weight']:<5g} {t['documents']:>9,} rows {est_tokens(t['bytes']):>13,} "
+             f"tokens  {t['bytes'] / train:6.1%}")
 
 
 def read_split(run: RunDir, split: str) -> Iterator[dict]:
     """The rows {"id", "source", "text"} of one split, in file order."""
+    from lathe.data.readers import json_loads
+
     if split not in SPLITS:
         raise LatheError(f"unknown split '{split}' (one of: {', '.join(SPLITS)})")
     path = run.require(run.split_file(split), "data")
@@ -242,6 +173,6 @@ def read_split(run: RunDir, split: str) -> Iterator[dict]:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LatheError(f"{path}:{lineno}: not valid JSON ({e.msg}); rerun `lathe data`") from None
+                    yield json_loads(line)
+                except ValueError as e:
+                    raise LatheError(f"{path}:{lineno}: not valid JSON ({e}); rerun `lathe data`") from None
