@@ -219,7 +219,9 @@ def test_read_split_rejects_unknown_split(tmp_path):
 # --- real corpora -------------------------------------------------------------------------------
 def test_default_sources_are_stdlib_py_files(tmp_path):
     files = default_sources()
-    assert len(files) > 100 and files == sorted(files, key=Path)
+    assert len(files) > 100 and files == default_sources()  # deterministic
+    # a spread of the library, not the head of the alphabet: the first 20 span many initial letters
+    assert len({Path(f).name[0] for f in files[:20]}) >= 8
     paths = [Path(f) for f in files]
     assert all(p.suffix == ".py" for p in paths)
     skipped = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
