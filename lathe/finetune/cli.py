@@ -1,0 +1,95 @@
+"""CLI verbs: `lathe finetune classify`, `lathe finetune sft` and `lathe distill`.
+
+Cheap to import (the `lathe` command imports every area's CLI): the stage modules, and torch with
+them, are imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="output run directory (default: runs/<--name>)")
+    p.add_argument("--name", help="output run name under runs/")
+    p.add_argument("--steps", type=int, help="training steps (train.max_steps)")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    p.add_argument("--batch-size", type=int, help="examples per micro-batch (train.batch_size)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (train.device)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="train.FIELD=VALUE or model.FIELD=VALUE (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the output's latest checkpoint")
+
+
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="the run to start from (default: the newest run under runs/)")
+    p.add_argument("--data", nargs="+", required=True, help="training data files (or a polarity folder)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA update (alpha = 2 * rank)")
+    _add_training_options(p)
+
+
+def overrides_of(args) -> list[str]:
+    flags = {"steps": "max_steps", "lr": "lr", "batch_size": "batch_size", "device": "device"}
+    out = [f"train.{field}={json.dumps(getattr(args, flag))}" for flag, field in flags.items()
+           if getattr(args, flag, None) is not None]
+    return out + list(args.overrides)  # explicit --set wins
+
+
+def register(sub) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune a trained run: a classification head or instruction SFT")
+    verbs = ft.add_subparsers(dest="finetune_command", required=True)
+
+    p = verbs.add_parser("classify", help="train a classification head on (text, label) data; test-split report")
+    _add_finetune_options(p)
+    p.add_argument("--no-baseline", action="store_true", help="skip the bag-of-words logistic regression")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean",
+                   help="the head reads the mean of the hidden states or the last token's")
+    p.set_defaults(handler=_classify)
+
+    p = verbs.add_parser("sft", help="instruction SFT on chat / prompt-response / GSM8K jsonl")
+    _add_finetune_options(p)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples held out for val loss")
+    p.add_argument("--test", help="jsonl whose questions measure the share of well-formed '#### <number>' answers")
+    p.add_argument("--format-eval", type=int, default=100, help="test questions to answer before and after SFT")
+    p.add_argument("--max-answer-tokens", type=int, default=256)
+    p.set_defaults(handler=_sft)
+
+    p = sub.add_parser("distill", help="train a smaller student from a teacher run; compare with scratch")
+    p.add_argument("--teacher", required=True, help="the teacher run directory")
+    p.add_argument("--data-run", help="run whose tokenizer and token shards the student uses (default: the teacher)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL loss")
+    p.add_argument("--kl-weight", type=float, default=0.9, help="weight of the KL term; the rest is cross-entropy")
+    p.add_argument("--text-chars", type=int, default=400_000,
+                   help="characters of teacher-written text when the tokenizers differ")
+    p.add_argument("--no-baseline", action="store_true", help="skip the same student trained from scratch")
+    _add_training_options(p)
+    p.set_defaults(handler=_distill)
+
+
+def _classify(args) -> int:
+    from lathe.finetune.classify import run_classify
+
+    run_classify(args.base, args.data, args.out, args.name, overrides_of(args), resume=args.resume, lora=args.lora,
+                 lora_rank=args.lora_rank, baseline=not args.no_baseline,
+                 pooling=args.pooling)
+    return 0
+
+
+def _sft(args) -> int:
+    from lathe.finetune.sft import run_sft
+
+    run_sft(args.base, args.data, args.out, args.name, overrides_of(args), val_fraction=args.val_fraction,
+            test=args.test, format_eval=args.format_eval, max_answer_tokens=args.max_answer_tokens,
+            resume=args.resume, lora=args.lora, lora_rank=args.lora_rank)
+    return 0
+
+
+def _distill(args) -> int:
+    from lathe.finetune.distill import run_distill
+
+    run_distill(args.teacher, args.out, args.name, args.data_run, overrides_of(args), temperature=args.temperature,
+                kl_weight=args.kl_weight, text_chars=args.text_chars, baseline=not args.no_baseline,
+                resume=args.resume)
+    return 0

@@ -1,0 +1,173 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lathe.config import ModelConfig, TokenizerConfig
+from lathe.errors import LatheError
+from lathe.eval.metrics import classification_report
+from lathe.finetune.classify import (EncodedSplit, load_classifier, predict, read_labeled, read_polarity,
+                                     run_classify, split_labeled)
+from lathe.finetune.sft import load_base_model
+from lathe.io import read_jsonl
+from lathe.model import GPT
+from lathe.tokenizer import train_tokenizer
+from lathe.train.checkpoint import save_checkpoint
+
+CUES = {"pos": ["great", "lovely", "superb"], "neg": ["awful", "dull", "boring"], "mixed": ["odd", "strange", "weird"]}
+FILLER = ["the", "film", "was", "plot", "actors", "a", "story", "and", "it"]
+TRAIN = ["train.max_steps=60", "train.lr=0.003", "train.warmup_steps=5", "train.eval_every=30", "train.batch_size=16",
+         "train.checkpoint_every=30", "train.device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, especially on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def keyword_examples(n: int, seed: int = 0) -> list[dict]:
+    """The label is given away by one cue word among filler: learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.choice(sorted(CUES))
+        words = rng.choices(FILLER, k=rng.randint(3, 8))
+        words.insert(rng.randint(0, len(words)), rng.choice(CUES[label]))
+        rows.append({"text": " ".join(words) + f" {i}", "label": label})  # the number keeps texts unique
+    return rows
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A run directory with a tokenizer and a random-init checkpoint: the smallest base for fine-tuning."""
+    path = tmp_path_factory.mktemp("base")
+    tok = train_tokenizer([r["text"] for r in keyword_examples(500, 1)], TokenizerConfig(vocab_size=300, min_frequency=1))
+    tok.save(path / "tokenizer.json")
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32))
+    save_checkpoint(path / "checkpoints", 0, model, None, {})
+    return path, tok
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_classifier_learns_and_its_report_matches_its_predictions(tmp_path, base_run):
+    base, tok = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(600))
+    out = tmp_path / "clf"
+    summary = run_classify(base, [data], out=out, overrides=TRAIN)
+    assert summary["lathe"]["accuracy"] >= 0.9, summary["lathe"]
+    assert summary["baseline"]["accuracy"] >= 0.9  # the cue words make it easy for bag-of-words too
+
+    # the saved classifier reloads (head included) and reproduces the reported test metrics
+    model = load_classifier(out)
+    assert model.labels == ["mixed", "neg", "pos"]
+    rows = [(r["text"], r["label"]) for r in read_jsonl(data)]
+    test = split_labeled(rows)["test"]
+    preds, _ = predict(model, EncodedSplit(tok, test, model.labels, 32))
+    y_true, y_pred = [lb for _, lb in test], [model.labels[i] for i in preds]
+    expected = classification_report(y_true, y_pred, model.labels)
+    assert summary["lathe"]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert summary["lathe"]["macro"] == pytest.approx(expected["macro"])
+    matrix = np.asarray(summary["lathe"]["confusion_matrix"])
+    assert matrix.sum() == len(test) == summary["counts"]["test"]
+    assert matrix.trace() == sum(t == p for t, p in zip(y_true, y_pred))
+    for i, label in enumerate(model.labels):  # rows are the true label
+        assert matrix[i].sum() == y_true.count(label) and matrix[:, i].sum() == y_pred.count(label)
+    report = (out / "classify_report.md").read_text()
+    assert "bag-of-words logistic regression" in report and "confusion matrix" in report
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, base_run):
+    base, _ = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(120))
+    out = tmp_path / "clf"
+    small = ["train.lr=0.003", "train.checkpoint_every=3", "train.eval_every=3", "train.batch_size=4",
+             "train.device=cpu", "train.log_every=1"]
+    run_classify(base, [data], out=out, overrides=small + ["train.max_steps=3"], baseline=False)
+    summary = run_classify(base, [data], out=out, overrides=small + ["train.max_steps=6"], resume=True, baseline=False)
+    assert summary["steps"] == 6
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one continuous curve, not a restart
+
+
+def test_readers_and_errors_name_file_and_line(tmp_path):
+    (tmp_path / "a.csv").write_text("label,text\npos,\"nice, really\"\nneg,bad\n")
+    (tmp_path / "a.tsv").write_text("text\tlabel\nnice\t1\n")
+    assert read_labeled(tmp_path / "a.csv") == [("nice, really", "pos"), ("bad", "neg")]
+    assert read_labeled(tmp_path / "a.tsv") == [("nice", "1")]
+    bad = {
+        "b.jsonl": ('{"text": "x", "label": "a"}\n{"text": "y"}\n', ":2"),
+        "c.jsonl": ('{"text": "x", "label": "a"}\n\n{oops\n', ":3"),
+        "d.csv": ("text,label\nfine,a\nshort\n", ":3"),
+        "e.csv": ("words,label\nx,a\n", ":1"),
+    }
+    for name, (content, where) in bad.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(LatheError, match=f"{name}{where}"):
+            read_labeled(tmp_path / name)
+    # polarity files are latin-1, not UTF-8
+    (tmp_path / "rt-polarity.pos").write_bytes("a caf\xe9 film \n\nfun\n".encode("latin-1"))
+    (tmp_path / "rt-polarity.neg").write_bytes(b"dull\n")
+    assert read_polarity(tmp_path) == [("a caf\xe9 film", "pos"), ("fun", "pos"), ("dull", "neg")]
+
+
+def test_split_depends_only_on_the_text():
+    rows = [(f"sentence {i}", "a" if i % 2 else "b") for i in range(2000)]
+    splits = split_labeled(rows)
+    again = split_labeled(list(reversed(rows)))
+    assert {k: sorted(v) for k, v in splits.items()} == {k: sorted(v) for k, v in again.items()}
+    assert 150 < len(splits["val"]) < 250 and 150 < len(splits["test"]) < 250
+    with pytest.raises(LatheError, match="split is empty"):
+        split_labeled(rows[:2])
+
+
+def test_polarity_files_load_and_split(shared_data):
+    rows = read_polarity(shared_data / "classify")
+    assert len(rows) == 10662
+    assert sum(lb == "pos" for _, lb in rows) == sum(lb == "neg" for _, lb in rows) == 5331
+    splits = split_labeled(rows)
+    assert sum(len(v) for v in splits.values()) == 10662
+    assert all(900 < len(splits[s]) < 1250 for s in ("val", "test"))
+
+
+def test_lora_trains_adapters_and_the_head_only(tmp_path, base_run):
+    base, _ = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(120))
+    out = tmp_path / "clf"
+    run_classify(base, [data], out=out, lora=True, baseline=False,
+                 overrides=["train.max_steps=4", "train.batch_size=4", "train.device=cpu", "train.lr=0.01"])
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    merged, start = load_classifier(out / "merged"), load_base_model(base)
+    assert torch.equal(merged.gpt.embed.weight, start.embed.weight)  # frozen
+    assert torch.equal(merged.gpt.blocks[0].mlp.up_proj.weight, start.blocks[0].mlp.up_proj.weight)  # not a target
+    assert not torch.equal(merged.gpt.blocks[0].attn.q_proj.weight, start.blocks[0].attn.q_proj.weight)  # merged
+    assert merged.head.weight.abs().sum() > 0
+
+
+def test_cli_verbs_parse_and_reach_the_stages(tmp_path, base_run):
+    import argparse
+
+    from lathe.finetune.cli import overrides_of, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["finetune", "classify", "--base", str(base_run[0]), "--data", str(tmp_path / "none.jsonl"),
+                              "--steps", "5", "--lr", "0.01", "--set", "train.lr=0.02"])
+    assert overrides_of(args) == ["train.max_steps=5", "train.lr=0.01", "train.lr=0.02"]  # --set comes last, wins
+    with pytest.raises(LatheError, match="none.jsonl does not exist"):
+        args.handler(args)
+    args = parser.parse_args(["distill", "--teacher", str(tmp_path / "nowhere"), "--set", "model.n_layer=1"])
+    with pytest.raises(LatheError, match="nowhere does not exist"):
+        args.handler(args)
+    args = parser.parse_args(["finetune", "sft", "--base", str(base_run[0]), "--data", "x.jsonl", "--set", "data.x=1"])
+    with pytest.raises(LatheError, match="train.FIELD=VALUE or model.FIELD=VALUE"):
+        args.handler(args)
