@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from lathe.errors import LatheError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -68,3 +70,29 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 break  # a torn last line from a kill: everything before it is intact
     return rows
+
+
+def iter_jsonl_objects(path: str | Path, what: str = "data file") -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a user's .jsonl file.
+
+    Strict: a missing file, invalid UTF-8, invalid JSON or a non-object line is a LatheError
+    naming file:line. Callers validate their own fields and report with the same location."""
+    path = Path(path)
+    if not path.is_file():
+        raise LatheError(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise LatheError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LatheError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise LatheError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row

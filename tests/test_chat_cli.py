@@ -8,7 +8,7 @@ import sys
 from lathe.cli import main as lathe_main
 from lathe.serve.chat_cli import ChatSession, run_chat
 from lathe.serve.server import load_models
-from test_server import FOX, ROOT, expected, one_thread, reference, run_dir  # noqa: F401  (fixtures)
+from test_server import FOX, ROOT, expected, reference, run_dir  # noqa: F401  (fixtures)
 
 
 def test_chat_over_a_pipe_with_history_and_slash_commands(run_dir, reference, tmp_path):

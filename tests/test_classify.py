@@ -22,15 +22,6 @@ TRAIN = ["train.max_steps=60", "train.lr=0.003", "train.warmup_steps=5", "train.
          "train.checkpoint_every=30", "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def keyword_examples(n: int, seed: int = 0) -> list[dict]:
     """The label is given away by one cue word among filler: learnable in a few dozen steps."""
     rng = random.Random(seed)

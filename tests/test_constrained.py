@@ -37,14 +37,6 @@ SHAPE = {"type": "object", "additionalProperties": False, "required": ["point", 
                         "note": {"type": ["string", "null"], "maxLength": 5}}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: no thread contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     tok = train_tokenizer(CORPUS, TokenizerConfig(vocab_size=360, min_frequency=1))

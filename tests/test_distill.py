@@ -16,15 +16,6 @@ from lathe.train.loop import train
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def markov_tokens(n: int, seed: int) -> np.ndarray:
     """A random bigram language with real uncertainty: soft teacher targets carry more than samples."""
     transitions = np.random.default_rng(0).dirichlet(np.full(VOCAB, 0.3), size=VOCAB).cumsum(1)

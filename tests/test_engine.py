@@ -20,15 +20,6 @@ CORPUS = [
 ] * 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids thread contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return train_tokenizer(CORPUS, TokenizerConfig(vocab_size=320, min_frequency=1))

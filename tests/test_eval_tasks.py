@@ -31,15 +31,6 @@ DOCS = [f"{a}+{b}={a + b}\nQuestion: What is {a} plus {b}?\nAnswer: {a} plus {b}
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices: on a shared 2-core machine extra threads only spin against each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(DOCS, TokenizerConfig(vocab_size=300, min_frequency=1))
@@ -425,7 +416,7 @@ def test_classify_runs_the_runs_classifier_on_texts(trained, tok, tmp_path):
     run = tmp_path / "clf"
     run.mkdir()
     tok.save(run / "tokenizer.json")
-    save_checkpoint(run / "checkpoints", 0, clf, None, {"labels": clf.labels})
+    save_checkpoint(run / "checkpoints", 0, clf, None, {"labels": clf.labels, "pooling": clf.pooling})
     texts = ["3+4=7", "Question: What is 1 plus 1?", "9+9=18\n", "Answer: #### 5", "0+0=0", "2 plus 2"]
     labels = ["pos", "neg", "pos", "pos", "neg", "neg"]
     data = write_jsonl(tmp_path / "texts.jsonl", [{"text": t, "label": lb} for t, lb in zip(texts, labels)])

@@ -33,15 +33,6 @@ PROBLEMS = [(a, b) for a in range(10) for b in range(10)]
 PROMPTS = [f"{a}+{b}=" for a, b in PROBLEMS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from threads, which only contend on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def digits_only(prompt: str, completion: str) -> float:
     return float(completion.strip().isdigit())
 

@@ -31,8 +31,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def run(tmp_path_factory) -> RunDir:
     """A run with pretraining metrics, eval results of several tasks, an arena, improve rounds, a
     subfolder stage, samples, a data card and a recipe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend on a shared machine
     run = RunDir(tmp_path_factory.mktemp("card"))
     tok = train_tokenizer(DOCS, TokenizerConfig(vocab_size=300, min_frequency=1))
     tok.save(run.tokenizer)
@@ -70,7 +68,6 @@ def run(tmp_path_factory) -> RunDir:
     train(GPT(model.cfg), cfg.model_copy(update={"max_steps": 4}), random_windows(tokens, 32, 4, 1), evaluate,
           run.path / "dpo")
     write_report(run)
-    torch.set_num_threads(before)
     return run
 
 

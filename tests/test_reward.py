@@ -19,15 +19,6 @@ from lathe.train.checkpoint import save_checkpoint
 VOWELS, CONSONANTS = "aeiou", "bcdfghjklmnpqrstvwxz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from threads, which only contend on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def word(rng, letters: str, n: int) -> str:
     return "".join(rng.choice(list(letters), n))
 

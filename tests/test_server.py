@@ -44,15 +44,6 @@ def _load_bench():
 serve_load = _load_bench()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids thread contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_adapter(run: Path, folder: Path) -> Path:
     """A LoRA adapter with large random weights, so its greedy text differs from the base's."""
     from lathe.finetune.lora import LoraConfig, adapter_parameters, apply_lora, save_adapter

@@ -3,7 +3,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from lathe.config import ModelConfig, TokenizerConfig
 from lathe.errors import LatheError
@@ -17,15 +16,6 @@ from lathe.train.checkpoint import save_checkpoint
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "add 2 and 3"},
         {"role": "assistant", "content": "#### 5"}]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sum_rows(n: int, seed: int) -> list[dict]:

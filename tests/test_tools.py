@@ -20,14 +20,6 @@ CALL = {"name": "calculator", "arguments": {"expression": "6*7"}}
 MESSAGES = [{"role": "user", "content": "What is 6*7?"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: no thread contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     tok = train_tokenizer(CORPUS, TokenizerConfig(vocab_size=320, min_frequency=1))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from test_server import FOX, KEY, expected, one_thread, reference, run_dir, server  # noqa: F401  (fixtures)
+from test_server import FOX, KEY, expected, reference, run_dir, server  # noqa: F401  (fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -23,6 +23,7 @@ import torch
 
 from lathe.chat import render_chat, validate_messages
 from lathe.errors import LatheError
+from lathe.io import iter_jsonl_objects
 
 Prompt = str | list  # a plain-text prompt or a list of chat messages
 
@@ -105,18 +106,7 @@ def check_pair_row(row, where: str) -> dict:
 
 def read_pair_rows(path: str | Path) -> list[dict]:
     """Validated rows of a pairs .jsonl file; a malformed row raises LatheError naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LatheError(f"pairs file {path} does not exist")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LatheError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        rows.append(check_pair_row(row, f"{path}:{lineno}"))
+    rows = [check_pair_row(row, where) for where, row in iter_jsonl_objects(path, "pairs file")]
     if not rows:
         raise LatheError(f"{path}: no preference pairs")
     return rows
@@ -271,24 +261,17 @@ def read_prompts(path: str | Path) -> list:
     """Prompts from a .jsonl file ({"prompt": text or messages, ...extra fields for verifiers}) or a text
     file (one prompt per line). A malformed row raises LatheError naming file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise LatheError(f"prompts file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
-        prompts = [line for line in lines if line.strip()]
+        if not path.is_file():
+            raise LatheError(f"prompts file {path} does not exist")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         prompts = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LatheError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
-                raise LatheError(f"{path}:{lineno}: expected an object with a 'prompt' (text or chat messages)")
+        for where, row in iter_jsonl_objects(path, "prompts file"):
+            if not isinstance(row.get("prompt"), (str, list)):
+                raise LatheError(f"{where}: expected an object with a 'prompt' (text or chat messages)")
             if isinstance(row["prompt"], list):
-                validate_messages(row["prompt"], f"{path}:{lineno}: prompt")
+                validate_messages(row["prompt"], f"{where}: prompt")
             prompts.append(row)
     if not prompts:
         raise LatheError(f"{path}: no prompts")

@@ -24,7 +24,7 @@ import numpy as np
 from lathe.console import warn
 from lathe.errors import LatheError
 from lathe.eval import metrics as M
-from lathe.io import write_json, write_text
+from lathe.io import iter_jsonl_objects, write_json, write_text
 
 PLAIN_TEMPLATES = {"gsm8k": "Question: {question}\nAnswer:", "translate": "Source: {source}\nTranslation:"}
 CHAT_TEMPLATES = {"gsm8k": "{question}", "translate": "Translate: {source}"}
@@ -35,27 +35,13 @@ N_EXAMPLES = 5  # examples kept in the summary for the report card
 # --- reading data -----------------------------------------------------------------------------------
 def read_rows(path: str | Path, required: dict[str, type | tuple]) -> list[dict]:
     """JSON objects, one a line, each with the `required` fields of the given types."""
-    path = Path(path)
-    if not path.is_file():
-        raise LatheError(f"data file {path} does not exist")
     rows = []
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise LatheError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the line)") from None
-            except json.JSONDecodeError as e:
-                raise LatheError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise LatheError(f"{path}:{lineno}: expected a JSON object")
-            for field, kind in required.items():
-                if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
-                    raise LatheError(f"{path}:{lineno}: field '{field}' is missing or not {_type_name(kind)}")
-            row["_where"] = f"{path}:{lineno}"
-            rows.append(row)
+    for where, row in iter_jsonl_objects(path):
+        for field, kind in required.items():
+            if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
+                raise LatheError(f"{where}: field '{field}' is missing or not {_type_name(kind)}")
+        row["_where"] = where
+        rows.append(row)
     if not rows:
         raise LatheError(f"{path}: no rows")
     return rows

@@ -39,7 +39,7 @@ from lathe.console import info
 from lathe.errors import LatheError
 from lathe.eval.metrics import is_well_formed_gsm8k
 from lathe.generate import stream_ids
-from lathe.io import read_jsonl, write_json, write_text
+from lathe.io import iter_jsonl_objects, read_jsonl, write_json, write_text
 from lathe.model import GPT
 from lathe.report import plot_loss
 from lathe.rundir import RUNS_ROOT, RunDir
@@ -182,23 +182,7 @@ def row_to_messages(row, where: str) -> Conversation:
 def read_conversations(path: str | Path) -> list[Conversation]:
     """All examples of a jsonl file; a malformed line is a LatheError naming file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise LatheError(f"SFT data file {path} does not exist")
-    conversations = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise LatheError(f"{where}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LatheError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            conversations.append(row_to_messages(row, where))
+    conversations = [row_to_messages(row, where) for where, row in iter_jsonl_objects(path, "SFT data file")]
     if not conversations:
         raise LatheError(f"{path}: no examples")
     return conversations
