@@ -34,6 +34,7 @@ from lathe.finetune.sft import run_sft
 from lathe.io import write_json, write_text
 from lathe.pipeline import save_recipe, stage_data, stage_pretrain, stage_tokenizer
 from lathe.rundir import RunDir
+from lathe.train.checkpoint import latest_checkpoint, load_state
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -69,7 +70,9 @@ def pretrain_base(workdir: Path, shared: Path, args) -> Path:
         stage_data(run, recipe)
     if not (run.tokens / "meta.json").exists():
         stage_tokenizer(run, recipe)
-    stage_pretrain(run, recipe, resume=True)
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is None or load_state(latest)["step"] < args.pretrain_steps:  # not finished yet: resume
+        stage_pretrain(run, recipe, resume=True)
     return run.path
 
 
@@ -81,14 +84,14 @@ def main() -> int:
     p.add_argument("--fresh", action="store_true", help="delete workdir/base and pretrain from scratch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--pretrain-steps", type=int, default=1600)
     p.add_argument("--domain-weight", type=float, default=3.0, help="mixture weight of the unlabelled polarity text")
     p.add_argument("--pretrain-batch", type=int, default=12)
     p.add_argument("--block-size", type=int, default=384, help="GSM8K chats are ~220 tokens, 6%% over 384")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--classify-steps", type=int, default=600)
-    p.add_argument("--sft-steps", type=int, default=250)
+    p.add_argument("--sft-steps", type=int, default=800)
     p.add_argument("--format-eval", type=int, default=60, help="GSM8K test questions answered before/after")
     p.add_argument("--skip", choices=["classify", "sft"], action="append", default=[])
     args = p.parse_args()

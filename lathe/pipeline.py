@@ -74,6 +74,10 @@ def stage_pretrain(run: RunDir, recipe: Recipe, resume: bool = False):
     model_cfg, tok = model_config_for(run, recipe)
     run.require(run.token_file("train"), "tokenizer")
     train_tokens, val_tokens = load_tokens(run, "train"), load_tokens(run, "val")
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) < 2:
+            raise LatheError(f"the {split} split of {run.path} has no tokens: give the data stage more distinct "
+                             f"documents (see {run.manifest}) or raise data.val_fraction")
     torch.manual_seed(recipe.train.seed)  # weight init is part of the recipe
     model = GPT(model_cfg)
     token_bytes = tok.token_bytes()

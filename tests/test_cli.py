@@ -52,3 +52,9 @@ def test_stage_without_its_inputs(tmp_path):
     assert_clean_error(lathe("pretrain", cwd=tmp_path), "--run")
     (tmp_path / "runs" / "r").mkdir(parents=True)
     assert_clean_error(lathe("pretrain", "--run", "runs/r", cwd=tmp_path), "tokenizer")
+
+
+def test_too_few_documents_for_a_validation_split(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("a single document, long enough to pass the length filter. " * 3)
+    assert_clean_error(lathe("run", "--recipe", "tiny", "--data", "one", cwd=tmp_path), "split", "has no tokens")

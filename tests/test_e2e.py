@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -39,11 +40,14 @@ def test_tiny_recipe_end_to_end(tmp_path):
 def test_run_on_own_folder_with_resume(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
-    for i in range(40):
-        (docs / f"{i}.txt").write_text(f"Document {i}. " + " ".join(f"word{j % 17} value {i * j}" for j in range(60)))
+    rng = random.Random(0)
+    words = "river stone lamp quiet orbit maple signal harbor velvet ember cobalt meadow".split()
+    for i in range(40):  # distinct documents: near-duplicate removal must keep them all
+        (docs / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(120)) + ".")
     lathe("run", "--recipe", "tiny", "--data", "docs", "--name", "own", "--steps", "20", cwd=tmp_path)
     manifest = json.loads((tmp_path / "runs/own/data/manifest.json").read_text())
     assert list(manifest["sources"]) == ["docs"]
+    assert sum(v["documents"] for v in manifest["splits"].values()) == 40
     # continuing a finished run with more steps resumes from its last checkpoint
     out = lathe("run", "--recipe", "tiny", "--data", "docs", "--name", "own", "--steps", "30", "--resume", cwd=tmp_path)
     assert "resuming pretrain" in out.stderr
