@@ -132,6 +132,7 @@ def teacher_texts(teacher: GPT, teacher_tok, n_chars: int, seed: int, batch: int
     """Documents sampled from the teacher at temperature 1 until about n_chars characters exist."""
     texts, total, round_ = [], 0, 0
     while total < n_chars:
+        # an empty prompt starts at <|bos|>: whole documents, ended by the teacher's next <|bos|>
         new = generate(teacher, teacher_tok, "", max_tokens=teacher.cfg.block_size - 1, num_samples=batch,
                        temperature=1.0, seed=seed * 100_003 + round_)
         new = [t for t in new if t.strip()]
@@ -194,7 +195,8 @@ def run_distill(teacher: str | Path, out: str | Path | None = None, name: str | 
         student_tokens = teacher_text_tokens(out, teacher_model, teacher_tok, student_tok, text_chars,
                                              train_cfg.seed, resume)
     mode = "kl" if same_tokenizer else "teacher_text"
-    info(f"distill: mode {mode}, teacher {teacher_model.num_params():,} -> student {GPT(cfg).num_params():,} parameters")
+    info(f"distill: mode {mode}, teacher {teacher_model.cfg.n_layer}x{teacher_model.cfg.n_embd} -> "
+         f"student {cfg.n_layer}x{cfg.n_embd} (layers x width)")
     summary = distill_and_compare(teacher_model, cfg, train_cfg, train_tokens, val_tokens, student_tok.token_bytes(),
                                   out, temperature, kl_weight, student_tokens, baseline, resume)
     summary.update(mode=mode, teacher=str(teacher_run.path), data=str(data_run.path), temperature=temperature,

@@ -1,0 +1,140 @@
+"""The improve loop's settings: one YAML file (lathe/recipes/improve.yaml), validated like a recipe.
+
+It reuses the recipe's sections for the model, the tokenizer and training (`train` for round 0,
+`retrain` for every later round) and adds the loop's own: the task, proposing, verifying, gating.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from lathe.config import (RECIPES_DIR, ModelConfig, Section, TokenizerConfig, TrainConfig,
+                          format_validation_error, parse_override)
+from lathe.errors import LatheError
+
+
+class SeedSet(Section):
+    size: int = Field(1000, ge=1)
+    options: Optional[dict] = Field(None, description="generator options of this draw (None: the task's), "
+                                                      "e.g. easier tasks than the loop must learn")
+
+
+class TaskConfig(Section):
+    kind: Literal["addition", "sorting", "reversal"] = "addition"
+    options: dict = Field(default_factory=dict, description="generator options of held-out and proposed tasks")
+    seed_sets: list[SeedSet] = Field(default_factory=lambda: [SeedSet()], min_length=1,
+                                     description="the originals the base model learns from: one or more draws")
+    heldout_size: int = Field(500, ge=10, description="held-out prompts every model is scored on")
+    seed: int = 0
+    answer_order: Literal["natural", "reversed"] = Field(
+        "natural", description="addition only: the model writes the sum's digits least significant first, "
+                               "as people add; stored data and the verifier keep the natural order")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.answer_order == "reversed" and self.kind != "addition":
+            raise ValueError("answer_order 'reversed' is for addition only")
+        return self
+
+
+class ProposeConfig(Section):
+    prompts_per_round: int = Field(2000, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, description="k candidates per prompt, sharing one prefill")
+    temperature: float = Field(1.0, ge=0)
+    top_k: Optional[int] = Field(None, ge=1)
+    max_answer_tokens: int = Field(8, ge=1)
+    rework_fraction: float = Field(0.0, ge=0, le=1, description="share of prompts taken from the originals")
+    father_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint of a stronger proposer")
+    father_model: Optional[str] = None
+    father_api_key_env: str = "OPENAI_API_KEY"
+    father_new_tasks: int = Field(0, ge=0, description="new tasks the father writes per round")
+
+
+class VerifyConfig(Section):
+    verifier: Optional[str] = Field(None, description="None: the task's own checker; 'none': keep every sample")
+    filters: list[str] = ["degenerate", "dedup"]
+
+
+class GateConfig(Section):
+    margin_sigma: float = Field(2.0, ge=0, description="promote only when gain > margin_sigma x noise")
+    min_gain: float = Field(0.0, ge=0, description="and the accuracy gain is above this")
+    bootstrap: int = Field(1000, ge=10, description="resamples of the held-out items for the noise estimate")
+    noise_runs: int = Field(1, ge=1, description="base models trained with different seeds to measure run-to-run spread")
+    collapse_ppl_ratio: float = Field(2.0, gt=1, description="stop when held-out perplexity exceeds base x this")
+
+
+class TuneConfig(Section):
+    trials: list[str] = Field(default_factory=lambda: ["lr*2", "lr/2", "width*2", "depth+1", "schedule=wsd",
+                                                       "rework_share=0.5"])
+    seeds: int = Field(2, ge=1, description="runs of the current recipe that measure run-to-run spread")
+
+
+class ImproveConfig(Section):
+    name: str = "improve"
+    task: TaskConfig = TaskConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=300, min_frequency=2)
+    model: ModelConfig = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32)
+    train: TrainConfig = TrainConfig(batch_size=64, max_steps=1000, lr=3e-3, warmup_steps=30, log_every=50,
+                                     eval_every=1000, checkpoint_every=200, keep_checkpoints=1)
+    retrain: TrainConfig = TrainConfig(batch_size=64, max_steps=500, lr=3e-3, warmup_steps=30, log_every=50,
+                                       eval_every=500, checkpoint_every=100, keep_checkpoints=1)
+    retrain_from: Literal["champion", "base", "scratch"] = "champion"
+    rework_share: Optional[float] = Field(None, ge=0, le=1, description="share of each batch from rework rounds; None: by count")
+    propose: ProposeConfig = ProposeConfig()
+    verify: VerifyConfig = VerifyConfig()
+    gate: GateConfig = GateConfig()
+    tune: TuneConfig = TuneConfig()
+    rounds: int = Field(5, ge=0)
+    target_accuracy: Optional[float] = Field(None, gt=0, le=1, description="stop once the champion reaches this")
+    controls: bool = Field(True, description="also run the no-loop and keep-all arms for comparison")
+    threads: Optional[int] = Field(1, ge=1, description="torch CPU threads; tiny models run best on one")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.propose.father_url is None) != (self.propose.father_model is None):
+            raise ValueError("propose.father_url and propose.father_model go together")
+        return self
+
+
+def load_improve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ImproveConfig:
+    """A YAML file or built-in name ('improve', 'improve-tiny'; default 'improve'), plus section.field=value overrides."""
+    path = Path(path or "improve")
+    if not path.exists() and (RECIPES_DIR / f"{path}.yaml").exists():
+        path = RECIPES_DIR / f"{path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("improve*.yaml")))
+        raise LatheError(f"improve config '{path}' not found (a YAML path, or one of: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LatheError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise LatheError(f"{path}: an improve config must be a mapping of sections")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise LatheError(f"override {'.'.join(keys)}: '{k}' is not a section")
+        node[keys[-1]] = value
+    try:
+        return ImproveConfig.model_validate(merge(ImproveConfig().model_dump(), raw))
+    except ValidationError as e:
+        raise LatheError(format_validation_error(e, str(path))) from None
+
+
+def merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, section by section: a file that sets train.max_steps keeps the other train defaults."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def dump_config(cfg: ImproveConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
