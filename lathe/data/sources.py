@@ -22,7 +22,8 @@ from lathe.config import DataConfig, DataSource
 from lathe.errors import LatheError
 
 DEFAULT_LABEL = "python-stdlib"
-_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# test suites, and the codec tables of encodings/ (generated character maps, not Python as people write it)
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
 
 
 @dataclass
