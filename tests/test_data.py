@@ -220,11 +220,11 @@ def test_read_split_rejects_unknown_split(tmp_path):
 def test_default_sources_are_stdlib_py_files(tmp_path):
     files = default_sources()
     assert len(files) > 100 and files == default_sources()  # deterministic
-    # a spread of the library, not the head of the alphabet: the first 20 span many initial letters
-    assert len({Path(f).name[0] for f in files[:20]}) >= 8
+    # a spread of the library, not the head of the alphabet (which is all `_private` modules)
+    assert len({Path(f).name[0] for f in files[:50]}) >= 10
     paths = [Path(f) for f in files]
     assert all(p.suffix == ".py" for p in paths)
-    skipped = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+    skipped = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
     assert not any(skipped & set(p.parts) for p in paths)
     assert any(p.name == "argparse.py" for p in paths)
     assert all(p.stat().st_size > 0 for p in paths[:10] if p.name != "__init__.py")
