@@ -114,7 +114,8 @@ def main() -> int:
                          overrides=device + [f"train.max_steps={args.classify_steps}", "train.eval_every=100",
                                              "train.checkpoint_every=100", "model.dropout=0.1"])
         numbers["polarity"] = {"lathe_accuracy": s["lathe"]["accuracy"], "lathe_macro_f1": s["lathe"]["macro"]["f1"],
-                               "bow_lr_accuracy": s["baseline"]["accuracy"], "bow_lr_macro_f1": s["baseline"]["macro"]["f1"],
+                               "bow_lr_accuracy": s["baseline"]["accuracy"],
+                               "bow_lr_macro_f1": s["baseline"]["macro"]["f1"],
                                "test_examples": s["counts"]["test"], "seconds": round(time.perf_counter() - t, 1)}
     if "sft" not in args.skip:
         t = time.perf_counter()

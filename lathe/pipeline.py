@@ -23,7 +23,7 @@ from lathe.rundir import RunDir
 from lathe.tokenizer import Tokenizer, encode_shards, load_tokens, train_tokenizer_stage
 from lathe.train.batches import random_windows
 from lathe.train.checkpoint import latest_checkpoint, load_model
-from lathe.train.loop import train
+from lathe.train.loop import TrainResult, train
 
 
 def save_recipe(run: RunDir, recipe: Recipe) -> None:
@@ -78,6 +78,10 @@ def stage_pretrain(run: RunDir, recipe: Recipe, resume: bool = False):
         if len(tokens) < 2:
             raise LatheError(f"the {split} split of {run.path} has no tokens: give the data stage more distinct "
                              f"documents (see {run.manifest}) or raise data.val_fraction")
+    finished = finished_training(run, recipe) if resume else None
+    if finished is not None:
+        info(f"pretrain: already finished at step {finished.step} ({finished.stopped}); nothing to resume")
+        return finished
     torch.manual_seed(recipe.train.seed)  # weight init is part of the recipe
     model = GPT(model_cfg)
     token_bytes = tok.token_bytes()
@@ -91,6 +95,18 @@ def stage_pretrain(run: RunDir, recipe: Recipe, resume: bool = False):
          f"{result.tokens_per_s:,.0f} tok/s, {result.params:,} parameters")
     write_json(run.path / "train_summary.json", result.__dict__)
     return result
+
+
+def finished_training(run: RunDir, recipe: Recipe) -> TrainResult | None:
+    """The summary of a pretraining run that ended (max_steps reached or stopped early) at its latest
+    checkpoint: resuming it must not train again or overwrite the summary. A raised max_steps resumes."""
+    path = run.path / "train_summary.json"
+    if not path.exists():
+        return None
+    summary = TrainResult(**read_json(path))
+    ckpt = latest_checkpoint(run.checkpoints)
+    at_end = summary.step >= recipe.train.max_steps or summary.stopped == "early_stop"
+    return summary if ckpt is not None and read_json(ckpt / "state.json")["step"] == summary.step and at_end else None
 
 
 def stage_eval(run: RunDir, recipe: Recipe) -> dict:

@@ -38,7 +38,8 @@ def keyword_examples(n: int, seed: int = 0) -> list[dict]:
 def base_run(tmp_path_factory):
     """A run directory with a tokenizer and a random-init checkpoint: the smallest base for fine-tuning."""
     path = tmp_path_factory.mktemp("base")
-    tok = train_tokenizer([r["text"] for r in keyword_examples(500, 1)], TokenizerConfig(vocab_size=300, min_frequency=1))
+    texts = [r["text"] for r in keyword_examples(500, 1)]
+    tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300, min_frequency=1))
     tok.save(path / "tokenizer.json")
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32))
     save_checkpoint(path / "checkpoints", 0, model, None, {})
@@ -151,8 +152,8 @@ def test_cli_verbs_parse_and_reach_the_stages(tmp_path, base_run):
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", "classify", "--base", str(base_run[0]), "--data", str(tmp_path / "none.jsonl"),
-                              "--steps", "5", "--lr", "0.01", "--set", "train.lr=0.02"])
+    args = parser.parse_args(["finetune", "classify", "--base", str(base_run[0]), "--data",
+                              str(tmp_path / "none.jsonl"), "--steps", "5", "--lr", "0.01", "--set", "train.lr=0.02"])
     assert overrides_of(args) == ["train.max_steps=5", "train.lr=0.01", "train.lr=0.02"]  # --set comes last, wins
     with pytest.raises(LatheError, match="none.jsonl does not exist"):
         args.handler(args)

@@ -54,3 +54,9 @@ def test_run_on_own_folder_with_resume(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "runs/own/metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 30
+    # resuming a run that already finished trains nothing and keeps its summary
+    summary = (tmp_path / "runs/own/train_summary.json").read_text()
+    out = lathe("run", "--recipe", "tiny", "--data", "docs", "--name", "own", "--steps", "30", "--resume", cwd=tmp_path)
+    assert "already finished at step 30" in out.stderr
+    assert (tmp_path / "runs/own/train_summary.json").read_text() == summary
+    assert json.loads(summary)["last_eval"]["val_loss"] > 0

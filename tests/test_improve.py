@@ -21,10 +21,13 @@ from lathe.model import GPT
 
 
 # --- config -----------------------------------------------------------------------------------
-def test_builtin_config_matches_the_defaults_and_typos_name_the_field():
-    assert load_improve_config("improve") == ImproveConfig()
+def test_configs_layer_over_the_defaults_and_typos_name_the_field():
+    demo = load_improve_config("improve")
+    assert demo.task.answer_order == "reversed" and demo.train.max_steps == 1000
+    assert demo.train.weight_decay == ImproveConfig().train.weight_decay  # a partial section keeps the rest
     tiny = load_improve_config("improve-tiny", ["retrain.max_steps=7"])
-    assert tiny.retrain.max_steps == 7 and tiny.retrain.batch_size == 32  # a partial section keeps the rest
+    assert tiny.retrain.max_steps == 7 and tiny.task.options == {"digits": 2}
+    assert load_improve_config(None, ["task.kind=sorting"]).task.kind == "sorting"
     with pytest.raises(LatheError, match="propose.temprature"):
         load_improve_config("improve", ["propose.temprature=1"])
     with pytest.raises(LatheError, match="reversed"):

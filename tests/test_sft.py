@@ -10,7 +10,7 @@ from lathe.eval.metrics import is_well_formed_gsm8k
 from lathe.finetune.sft import (encode_conversations, pack_examples, read_conversations, reference_answer, row_batches,
                                 run_sft)
 from lathe.model import GPT
-from lathe.tokenizer import Tokenizer, train_tokenizer
+from lathe.tokenizer import train_tokenizer
 from lathe.train.checkpoint import save_checkpoint
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
@@ -98,7 +98,8 @@ def test_malformed_rows_name_file_and_line(tmp_path):
         path.write_text("\n".join(lines) + "\n")
         with pytest.raises(LatheError, match=f"{path}:{len(lines)}"):
             read_conversations(path)
-    rows = read_conversations(write_jsonl(tmp_path / "ok.jsonl", [{"messages": CHAT}, {"question": "q", "answer": "#### 1"}]))
+    ok = [{"messages": CHAT}, {"question": "q", "answer": "#### 1"}]
+    rows = read_conversations(write_jsonl(tmp_path / "ok.jsonl", ok))
     assert rows[0] == CHAT and rows[1][0] == {"role": "user", "content": "q"}
 
 

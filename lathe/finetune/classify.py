@@ -169,7 +169,8 @@ def split_labeled(examples: list[tuple[str, str]], val_fraction: float = VAL_FRA
     splits = {"train": [], "val": [], "test": []}
     for text, label in examples:
         u = hash_unit(text)
-        splits["val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"].append((text, label))
+        split = "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+        splits[split].append((text, label))
     for name in ("val", "test"):
         if not splits[name]:
             raise LatheError(f"only {len(examples)} examples: the {name} split is empty; add more data")

@@ -329,8 +329,8 @@ def sft_train(model, tok, train_conv: list, val_conv: list, cfg: TrainConfig, ou
 
     def evaluate(m) -> dict:
         metrics = {"val_loss": masked_loss(m, val_rows, val_masks, cfg.eval_tokens)} if len(val_rows) else {}
-        metrics["samples"] = [{"prompt": prompt_messages(c)[-1]["content"], "answer": answer(m, tok, prompt_messages(c), sample_tokens)}
-                              for c in probes]
+        metrics["samples"] = [{"prompt": prompt_messages(c)[-1]["content"],
+                               "answer": answer(m, tok, prompt_messages(c), sample_tokens)} for c in probes]
         return metrics
 
     result = train(model, cfg, row_batches(rows, masks, cfg.batch_size, cfg.seed), evaluate, out,
@@ -340,7 +340,8 @@ def sft_train(model, tok, train_conv: list, val_conv: list, cfg: TrainConfig, ou
 
 def run_sft(base: str | Path, data: list[str | Path], out: str | Path | None = None, name: str | None = None,
             overrides: Iterable[str] = (), val_fraction: float = 0.05, test: str | Path | None = None,
-            format_eval: int = 0, max_answer_tokens: int = 256, resume: bool = False, lora: bool = False, lora_rank: int = 8) -> dict:
+            format_eval: int = 0, max_answer_tokens: int = 256, resume: bool = False, lora: bool = False,
+            lora_rank: int = 8) -> dict:
     """`lathe finetune sft`: SFT a base run's model on chat jsonl files; writes <out>/sft_report.{md,json}.
 
     With `test` and format_eval > 0, the share of well-formed GSM8K answers ('#### <number>') on the
@@ -386,7 +387,8 @@ def _format_before(out: Path, model, tok, test_conv, max_tokens: int, resume: bo
 
 def _sft_report(out: Path, s: dict) -> None:
     stats = s["data_stats"]
-    rows = [["steps", f"{s['steps']} ({s['stopped']})"], ["best validation loss (assistant tokens)", s["best_val_loss"]],
+    rows = [["steps", f"{s['steps']} ({s['stopped']})"],
+            ["best validation loss (assistant tokens)", s["best_val_loss"]],
             ["final validation loss", s["final_val_loss"]],
             ["train examples kept / truncated / dropped",
              f"{stats['train']['kept']} / {stats['train']['truncated']} / {stats['train']['dropped']}"],

@@ -11,7 +11,8 @@ import json
 def register(sub) -> None:
     p = sub.add_parser("improve", help="let the model improve itself: propose, verify, retrain, gate, repeat")
     p.add_argument("--name", help="run name under runs/ (default: improve-<timestamp>)")
-    p.add_argument("--recipe", help="improve config: a YAML path or a built-in name (improve, improve-tiny)")
+    p.add_argument("--recipe", help="improve config: a YAML path or a built-in name (default: improve, the "
+                                    "3-digit addition demo; improve-tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set propose.temperature=0.8 (repeatable)")
     rounds = p.add_mutually_exclusive_group()
@@ -46,6 +47,11 @@ def overrides_of(args) -> list[str]:
     return out + list(args.overrides)  # explicit --set wins
 
 
+def default_recipe(args) -> str | None:
+    """The addition demo (recipes/improve.yaml), or for another task the plain defaults."""
+    return "improve" if args.task in (None, "addition") else None
+
+
 def _improve(args) -> int:
     import time
 
@@ -63,7 +69,7 @@ def _improve(args) -> int:
         from lathe.improve.tune import tune
 
         saved = run.config if run.config.exists() else None
-        cfg = load_improve_config(args.recipe or saved, overrides_of(args))
+        cfg = load_improve_config(args.recipe or saved or default_recipe(args), overrides_of(args))
         tune(run, cfg)
         return 0
     if args.resume:
@@ -75,12 +81,11 @@ def _improve(args) -> int:
             raise LatheError(f"{run.path} already holds an improve run: pass --resume to continue it, or pick another --name")
         if run.path.is_dir() and any(run.path.iterdir()) and not run.config.exists():
             raise LatheError(f"{run.path} exists and is not an improve run: pick another --name")
-        cfg = load_improve_config(args.recipe, overrides_of(args))
+        cfg = load_improve_config(args.recipe or default_recipe(args), overrides_of(args))
     from lathe.improve.loop import improve
 
     run.path.mkdir(parents=True, exist_ok=True)
     write_text(RUNS_ROOT / "latest", name + "\n")
     write_text(run.config, dump_config(cfg))
     improve(run, cfg, forever=args.forever, max_rounds=args.max_rounds)
-    print(f"report: {run.path / 'report.md'}")
     return 0

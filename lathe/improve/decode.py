@@ -17,22 +17,23 @@ from lathe.model import GPT
 @torch.no_grad()
 def complete(model: GPT, prompts: list[list[int]], max_new: int, k: int = 1, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 0, stop_ids=frozenset(), pad_id: int = 0,
-             chunk: int = 256) -> list[list[list[int]]]:
+             banned_ids=frozenset(), chunk: int = 256) -> list[list[list[int]]]:
     """k completions of each prompt (token ids, the stop token left out): result[prompt][sample].
 
-    Temperature 0 is greedy. The same seed gives the same samples."""
+    Temperature 0 is greedy. The same seed gives the same samples. `banned_ids` are never produced
+    (control tokens have no place inside an answer)."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     out = []
     for start in range(0, len(prompts), chunk):
         out += _complete_chunk(model, prompts[start : start + chunk], max_new, k, temperature, top_k, generator,
-                               stop_ids, pad_id)
+                               stop_ids, pad_id, banned_ids)
     model.train(was_training)
     return out
 
 
-def _complete_chunk(model, prompts, max_new, k, temperature, top_k, generator, stop_ids, pad_id):
+def _complete_chunk(model, prompts, max_new, k, temperature, top_k, generator, stop_ids, pad_id, banned_ids):
     device = model.lm_head.weight.device
     longest = max(len(p) for p in prompts)
     max_new = min(max_new, model.cfg.block_size - longest)
@@ -53,7 +54,9 @@ def _complete_chunk(model, prompts, max_new, k, temperature, top_k, generator, s
     next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(k)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     tokens, done = [], torch.zeros(len(next_pos), dtype=torch.bool, device=device)
+    banned = torch.tensor(sorted(banned_ids), dtype=torch.long, device=device)
     for _ in range(max_new):
+        logits = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
         nxt = sample_next(logits, temperature, top_k, None, generator)
         tokens.append(nxt)
         done |= torch.isin(nxt, stops)

@@ -38,9 +38,10 @@ from lathe.improve.data import (ImproveRun, check_originals, encode_example, ing
 from lathe.improve.gate import decide, run_spread
 from lathe.improve.decode import complete
 from lathe.improve.propose import Father, choose_prompts, make_tasks
+from lathe.improve.report import write_report
 from lathe.io import read_json, read_jsonl, write_json, write_text
 from lathe.model import GPT
-from lathe.tokenizer import Tokenizer, train_tokenizer
+from lathe.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from lathe.train.checkpoint import latest_checkpoint, load_model, load_weights
 from lathe.train.dist import pick_device
 from lathe.train.loop import train
@@ -108,8 +109,10 @@ class Workshop:
                 seed: int = 0) -> list[list[str]]:
         """k answers per prompt (greedy at temperature 0), in the task's natural order."""
         ids = [encode_example(self.tok, p)[0] for p in prompts]
+        stops = {self.tok.eos_id, self.tok.bos_id}
+        controls = {self.tok.special_id(name) for name in SPECIAL_TOKENS} - stops
         outs = complete(model, ids, self.cfg.propose.max_answer_tokens, k, temperature, top_k, seed,
-                        stop_ids={self.tok.eos_id, self.tok.bos_id}, pad_id=self.tok.pad_id)
+                        stop_ids=stops, pad_id=self.tok.pad_id, banned_ids=controls)
         texts = [[self.tok.decode(s) for s in samples] for samples in outs]
         return [[t[::-1] for t in samples] for samples in texts] if self.reversed else texts
 
@@ -145,8 +148,13 @@ class Workshop:
         """Train on originals + rework with the shared loop; resumes from out_dir's checkpoint if any."""
         if latest_checkpoint(out_dir / "checkpoints") is None:
             shutil.rmtree(out_dir, ignore_errors=True)  # a kill before the first checkpoint: start clean
-        get_batch = mix_batches(self.rows(examples), self.rows(rework), train_cfg.batch_size, train_cfg.seed,
-                                rework_share, self.tok.pad_id)
+        orig_rows, rework_rows = self.rows(examples), self.rows(rework)
+        for row, example in zip(orig_rows + rework_rows, examples + rework):
+            if len(row[0]) > model.cfg.block_size + 1:
+                raise LatheError(f"example {example['prompt']!r} -> {example['answer']!r} has {len(row[0])} tokens, "
+                                 f"more than block_size {model.cfg.block_size} + 1: raise model.block_size")
+        get_batch = mix_batches(orig_rows, rework_rows, train_cfg.batch_size, train_cfg.seed, rework_share,
+                                self.tok.pad_id)
         if die_prefix is not None and os.environ.get(DIE_AT, "").startswith(die_prefix):
             inner = get_batch
 
@@ -264,9 +272,16 @@ def phase_verify(ws: Workshop, arm: Arm, r: int) -> None:
     if dedup is not None:
         for row in load_originals(arm.run) + load_rework(arm.run, r - 1):
             dedup(row["prompt"], row["answer"])  # what we already have is not new
+    candidates = read_jsonl(arm.run.work(r) / "candidates.jsonl")
+    lengths = [len(ids) for ids, _ in ws.rows(candidates)] if candidates else []
     verdicts = []
-    for cand in read_jsonl(arm.run.work(r) / "candidates.jsonl"):
-        verdicts.append({**cand, **judge(cand, checks, verifier, name, dedup)})
+    for cand, length in zip(candidates, lengths):
+        if length > cfg.model.block_size + 1:  # a father's long task: more than the model can learn from
+            verdict = {"kept": False, "rejected_by": "filter:context", "score": 0.0,
+                       "reason": f"{length} tokens, more than block_size {cfg.model.block_size} + 1"}
+        else:
+            verdict = judge(cand, checks, verifier, name, dedup)
+        verdicts.append({**cand, **verdict})
     write_jsonl(arm.run.work(r) / "verdicts.jsonl", verdicts)
 
 
@@ -400,15 +415,14 @@ def improve(run: ImproveRun, cfg: ImproveConfig, forever: bool = False, max_roun
     last = max_rounds if forever else cfg.rounds
     r = min(arm.state.round for arm in arms)
     while (last is None or r <= last) and not _should_stop(run, home, cfg, r):
-        rows = {arm.name: run_round(ws, arm, r) for arm in arms if arm.state.round == r}
+        rows = {arm.name: run_round(ws, arm, r) for arm in arms if arm.state.round == r and not arm.state.stopped}
         info(round_line(r, rows))
+        write_report(run)  # after every round: a long --forever run shows its progress
         r += 1
     if home.state.stopped:
         info(f"loop stopped: {home.state.stopped}")
-    info(f"improve: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU in this session")
-    from lathe.improve.report import write_report
-
-    write_report(run)
+    info(f"improve: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU "
+         f"in this session; report in {write_report(run)}")
     return {arm.name: read_jsonl(arm.run.rounds) for arm in arms}
 
 

@@ -37,10 +37,11 @@ def plot(arms: dict[str, list[dict]], path: Path) -> Path:
         line, = acc.plot(rounds, [r["accuracy"] for r in rows], "o-", label=f"{LABELS[name]}: champion")
         acc.plot(rounds, [r["candidate_accuracy"] for r in rows], "x:", color=line.get_color(), alpha=0.6)
         ppl.plot(rounds, [r["ppl"] for r in rows], "o-", color=line.get_color(), label=LABELS[name])
+        ppl.plot(rounds, [r["candidate_ppl"] for r in rows], "x:", color=line.get_color(), alpha=0.6)
     acc.set_title("held-out accuracy (greedy); x = candidate")
     acc.set_xlabel("round")
     acc.set_ylim(0, 1.02)
-    ppl.set_title("held-out perplexity of the original data")
+    ppl.set_title("held-out perplexity (answer tokens); x = candidate")
     ppl.set_xlabel("round")
     for ax in (acc, ppl):
         ax.grid(alpha=0.3)
