@@ -28,6 +28,30 @@ def add_recipe_options(p: argparse.ArgumentParser, with_run: bool = True) -> Non
     p.add_argument("--device", help="shortcut for --set train.device=DEV (cpu, cuda, ...)")
 
 
+def add_stage_options(p: argparse.ArgumentParser, batch: str | None = "examples per micro-batch",
+                      set_help: str = "train.FIELD=VALUE or model.FIELD=VALUE (repeatable)") -> None:
+    """Options of every verb that trains a base into an output run (fine-tuning, distillation, alignment)."""
+    p.add_argument("--out", help="output run directory (default: runs/<--name>)")
+    p.add_argument("--name", help="output run name under runs/")
+    p.add_argument("--steps", type=int, help="training steps (train.max_steps)")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    if batch:
+        p.add_argument("--batch-size", type=int, help=f"{batch} (train.batch_size)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (train.device)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help=set_help)
+    p.add_argument("--resume", action="store_true", help="continue from the output's latest checkpoint")
+
+
+STAGE_FLAGS = {"steps": "max_steps", "lr": "lr", "batch_size": "batch_size", "device": "device"}
+
+
+def stage_overrides_of(args) -> list[str]:
+    """The train.* overrides of add_stage_options' flags, then --set (which wins)."""
+    out = [f"train.{field}={json.dumps(getattr(args, flag))}" for flag, field in STAGE_FLAGS.items()
+           if getattr(args, flag, None) is not None]
+    return out + list(args.overrides)
+
+
 def overrides_of(args) -> list[str]:
     out = list(args.overrides)
     if getattr(args, "steps", None) is not None:

@@ -205,7 +205,7 @@ class DataConfig(Section):
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(4096, ge=300, le=1 << 20)
+    vocab_size: int = Field(4096, ge=269, le=1 << 20, description="269 = the 256 bytes and 13 special tokens, no merges")
     min_frequency: int = Field(2, ge=1)
     split_digits: bool = True
     max_train_bytes: Optional[int] = Field(None, gt=0, description="train BPE on at most this much text")
@@ -310,22 +310,33 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 def load_recipe(recipe: str | Path | None = None, overrides: list[str] | dict | None = None) -> Recipe:
     """Load a recipe file or a built-in recipe name ('default', 'tiny'), apply overrides, validate."""
-    source = "built-in defaults"
-    raw: dict = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.exists() and (RECIPES_DIR / f"{recipe}.yaml").exists():
-            path = RECIPES_DIR / f"{recipe}.yaml"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-            raise LatheError(f"recipe '{recipe}' not found (a YAML path, or one of: {known})")
-        source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise LatheError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise LatheError(f"{path}: a recipe must be a mapping of sections")
+    raw, source = read_recipe_file(recipe) if recipe is not None else ({}, "built-in defaults")
+    apply_overrides(raw, overrides)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LatheError(format_validation_error(e, source)) from None
+
+
+def read_recipe_file(recipe: str | Path, what: str = "recipe", builtins: str = "*.yaml") -> tuple[dict, str]:
+    """The raw mapping of a YAML path or a built-in name (lathe/recipes/<name>.yaml), and its path."""
+    path = Path(recipe)
+    if not path.exists() and (RECIPES_DIR / f"{recipe}.yaml").exists():
+        path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob(builtins)))
+        raise LatheError(f"{what} '{recipe}' not found (a YAML path, or one of: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LatheError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise LatheError(f"{path}: a {what} must be a mapping of sections")
+    return raw, str(path)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
+    """Set each "section.field=value" override (or {"section.field": value}) in the raw mapping, in place."""
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for keys, value in items:
         keys = keys.split(".") if isinstance(keys, str) else keys
@@ -335,10 +346,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | dict | 
             if not isinstance(node, dict):
                 raise LatheError(f"override {'.'.join(keys)}: '{k}' is not a section")
         node[keys[-1]] = value
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise LatheError(format_validation_error(e, source)) from None
+    return raw
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -12,7 +12,8 @@ them, are imported inside the handlers.
 from __future__ import annotations
 
 import argparse
-import json
+
+from lathe.cli import add_stage_options, stage_overrides_of as overrides_of
 
 RL_FLAGS = {"group_size": "group_size", "prompts_per_step": "prompts_per_step", "max_new_tokens": "max_new_tokens",
             "temperature": "temperature", "kl": "kl_coef", "clip": "clip_eps", "inner_epochs": "inner_epochs",
@@ -21,29 +22,14 @@ RL_FLAGS = {"group_size": "group_size", "prompts_per_step": "prompts_per_step", 
 
 def _add_stage_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
     p.add_argument("--base", help="the run to start from (default: the newest run under runs/)")
-    p.add_argument("--out", help="output run directory (default: runs/<--name>)")
-    p.add_argument("--name", help="output run name under runs/ (default: <base>-<verb>)")
-    p.add_argument("--steps", type=int, help="training steps (train.max_steps)")
-    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
-    if batch:  # RL's batch is --prompts-per-step x --group-size
-        p.add_argument("--batch-size", type=int, help="pairs per micro-batch (train.batch_size)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (train.device)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="train.FIELD=VALUE, model.dropout=VALUE, or for rl: rl.FIELD=VALUE (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the output's latest checkpoint")
+    add_stage_options(p, batch="pairs per micro-batch" if batch else None,  # RL's batch: prompts x group size
+                      set_help="train.FIELD=VALUE, model.dropout=VALUE, or for rl: rl.FIELD=VALUE (repeatable)")
 
 
 def _add_pairs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help='pairs .jsonl files: {"prompt", "chosen", "rejected"}')
     p.add_argument("--val-data", nargs="+", help="held-out pairs (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out for accuracy")
-
-
-def overrides_of(args) -> list[str]:
-    flags = {"steps": "max_steps", "lr": "lr", "batch_size": "batch_size", "device": "device"}
-    out = [f"train.{field}={json.dumps(getattr(args, flag))}" for flag, field in flags.items()
-           if getattr(args, flag, None) is not None]
-    return out + list(args.overrides)  # explicit --set wins
 
 
 def register(sub) -> None:

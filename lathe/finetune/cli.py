@@ -7,19 +7,8 @@ them, are imported inside the handlers.
 from __future__ import annotations
 
 import argparse
-import json
 
-
-def _add_training_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="output run directory (default: runs/<--name>)")
-    p.add_argument("--name", help="output run name under runs/")
-    p.add_argument("--steps", type=int, help="training steps (train.max_steps)")
-    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
-    p.add_argument("--batch-size", type=int, help="examples per micro-batch (train.batch_size)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (train.device)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="train.FIELD=VALUE or model.FIELD=VALUE (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the output's latest checkpoint")
+from lathe.cli import add_stage_options, stage_overrides_of as overrides_of
 
 
 def _add_finetune_options(p: argparse.ArgumentParser) -> None:
@@ -27,14 +16,7 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help="training data files (or a polarity folder)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA update (alpha = 2 * rank)")
-    _add_training_options(p)
-
-
-def overrides_of(args) -> list[str]:
-    flags = {"steps": "max_steps", "lr": "lr", "batch_size": "batch_size", "device": "device"}
-    out = [f"train.{field}={json.dumps(getattr(args, flag))}" for flag, field in flags.items()
-           if getattr(args, flag, None) is not None]
-    return out + list(args.overrides)  # explicit --set wins
+    add_stage_options(p)
 
 
 def register(sub) -> None:
@@ -64,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--text-chars", type=int, default=400_000,
                    help="characters of teacher-written text when the tokenizers differ")
     p.add_argument("--no-baseline", action="store_true", help="skip the same student trained from scratch")
-    _add_training_options(p)
+    add_stage_options(p)
     p.set_defaults(handler=_distill)
 
 

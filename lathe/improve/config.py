@@ -12,8 +12,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from lathe.config import (RECIPES_DIR, ModelConfig, Section, TokenizerConfig, TrainConfig,
-                          format_validation_error, parse_override)
+from lathe.config import (ModelConfig, Section, TokenizerConfig, TrainConfig,
+                          apply_overrides, format_validation_error, read_recipe_file)
 from lathe.errors import LatheError
 
 
@@ -81,7 +81,8 @@ TRAIN = dict(batch_size=64, lr=6e-3, weight_decay=1.0, warmup_steps=30, log_ever
 class ImproveConfig(Section):
     name: str = "improve"
     task: TaskConfig = TaskConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=300, min_frequency=2)
+    # bytes only: digits are split anyway, and reversing or sorting letters needs one token per letter
+    tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=269)
     model: ModelConfig = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32)
     train: TrainConfig = TrainConfig(**TRAIN, max_steps=1000, eval_every=250, checkpoint_every=200)
     retrain: TrainConfig = TrainConfig(**TRAIN, max_steps=600, eval_every=600, checkpoint_every=100)
@@ -108,30 +109,12 @@ def load_improve_config(path: str | Path | None = None, overrides: list[str] | N
     the defaults alone), then section.field=value overrides."""
     if path is None:
         return _validate({}, overrides, "the defaults")
-    path = Path(path)
-    if not path.exists() and (RECIPES_DIR / f"{path}.yaml").exists():
-        path = RECIPES_DIR / f"{path}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("improve*.yaml")))
-        raise LatheError(f"improve config '{path}' not found (a YAML path, or one of: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LatheError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise LatheError(f"{path}: an improve config must be a mapping of sections")
-    return _validate(raw, overrides, str(path))
+    raw, source = read_recipe_file(path, "improve config", "improve*.yaml")
+    return _validate(raw, overrides, source)
 
 
 def _validate(raw: dict, overrides: list[str] | None, source: str) -> ImproveConfig:
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise LatheError(f"override {'.'.join(keys)}: '{k}' is not a section")
-        node[keys[-1]] = value
+    apply_overrides(raw, overrides)
     try:
         return ImproveConfig.model_validate(merge(ImproveConfig().model_dump(), raw))
     except ValidationError as e:

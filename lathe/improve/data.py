@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lathe.errors import LatheError
-from lathe.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from lathe.io import atomic_path, iter_jsonl_objects, read_json, read_jsonl, write_json, write_text
 from lathe.rundir import RunDir
 
 SEED_FILE = "seed.jsonl"
@@ -76,15 +76,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_examples(path: Path) -> list[dict]:
     """Rows with string "prompt" and "answer" fields; a bad row is an error naming file and line."""
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LatheError(f"{path}:{lineno}: not valid JSON ({e})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) and row.get(f) for f in ("prompt", "answer")):
-            raise LatheError(f"{path}:{lineno}: a row needs non-empty string fields 'prompt' and 'answer'")
+    for where, row in iter_jsonl_objects(path, "examples file"):
+        if not all(isinstance(row.get(f), str) and row.get(f) for f in ("prompt", "answer")):
+            raise LatheError(f"{where}: a row needs non-empty string fields 'prompt' and 'answer'")
         rows.append(row)
     return rows
 
