@@ -8,8 +8,9 @@ import torch
 from lathe.config import ModelConfig, TokenizerConfig
 from lathe.errors import LatheError
 from lathe.eval.metrics import classification_report
-from lathe.finetune.classify import (EncodedSplit, load_classifier, predict, read_labeled, read_polarity,
-                                     run_classify, split_labeled)
+from lathe.finetune.classify import (Classifier, EncodedSplit, classify_loss_fn, load_classifier, mcnemar_p,
+                                     paired_comparison, predict, read_labeled, read_polarity, run_classify,
+                                     split_labeled)
 from lathe.finetune.sft import load_base_model
 from lathe.io import read_jsonl
 from lathe.model import GPT
@@ -163,3 +164,106 @@ def test_cli_verbs_parse_and_reach_the_stages(tmp_path, base_run):
     args = parser.parse_args(["finetune", "sft", "--base", str(base_run[0]), "--data", "x.jsonl", "--set", "data.x=1"])
     with pytest.raises(LatheError, match="train.FIELD=VALUE or model.FIELD=VALUE"):
         args.handler(args)
+
+
+# --- the options of issue 5: auxiliary LM loss, pooling, head-only warm-up, selection, paired test ------
+def tiny_classifier(pooling="mean", head_dropout=0.0, tie=True):
+    torch.manual_seed(0)
+    gpt = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16, tie_embeddings=tie))
+    return Classifier(gpt, ["a", "b"], pooling, head_dropout, train_lm_head=True)
+
+
+def test_auxiliary_lm_loss_is_the_gpt_loss_on_real_tokens_only():
+    model = tiny_classifier().eval()
+    ids = torch.tensor([[1, 5, 7, 9, 11], [1, 4, 6, 0, 0]])  # row 2: 3 real tokens, then pads
+    lengths = torch.tensor([5, 3])
+    _, lm = model(ids, lengths, lm_loss=True)
+    _, loss_1 = model.gpt(ids[:1, :-1], targets=ids[:1, 1:])
+    _, loss_2 = model.gpt(ids[1:, :2], targets=ids[1:, 1:3])
+    # token-weighted mean over the 4 + 2 real targets; the pads never count
+    assert lm.item() == pytest.approx((4 * loss_1.item() + 2 * loss_2.item()) / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "meanmax", "last"])
+def test_pooling_ignores_pads(pooling):
+    model = tiny_classifier(pooling).eval()
+    torch.nn.init.normal_(model.head.weight)  # a non-zero head, so logits depend on the features
+    short = model(torch.tensor([[1, 5, 7]]), torch.tensor([3]))
+    padded = model(torch.tensor([[1, 5, 7, 0, 0]]), torch.tensor([3]))
+    assert torch.allclose(short, padded, atol=1e-6)
+    if pooling == "meanmax":
+        h = model.gpt.hidden_states(torch.tensor([[1, 5, 7]]))[0]
+        expected = torch.cat([h.mean(0), h.amax(0)]) @ model.head.weight.T + model.head.bias
+        assert torch.allclose(short[0], expected, atol=1e-5)
+
+
+def test_head_dropout_acts_in_training_only():
+    model = tiny_classifier(head_dropout=0.5)
+    torch.nn.init.normal_(model.head.weight)
+    ids, lengths = torch.tensor([[1, 5, 7, 9]] * 8), torch.tensor([4] * 8)
+    model.train()
+    assert not torch.allclose(model(ids, lengths)[0], model(ids, lengths)[1])  # rows differ by their mask
+    model.eval()
+    assert torch.allclose(model(ids, lengths)[0], model(ids, lengths)[1])
+
+
+def test_frozen_body_gets_no_gradient():
+    loss_fn = classify_loss_fn(lm_weight=0.5, freeze_batches=2)
+    batch = (torch.tensor([[1, 5, 7]]), torch.tensor([3]), torch.tensor([1]))
+    for index, body_learns in ((1, False), (2, True)):
+        model = tiny_classifier()
+        torch.nn.init.normal_(model.head.weight)
+        loss_fn(model, (*batch, torch.tensor([index]))).backward()
+        assert model.head.weight.grad is not None
+        assert (model.gpt.blocks[0].attn.q_proj.weight.grad is not None) == body_learns
+
+
+def _gpt_weights_equal(summary_out, base) -> bool:
+    trained, start = load_classifier(summary_out), load_base_model(base)
+    return torch.equal(trained.gpt.blocks[0].mlp.up_proj.weight, start.blocks[0].mlp.up_proj.weight)
+
+
+def test_freeze_steps_train_the_head_alone_then_the_body(tmp_path, base_run):
+    base, _ = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(120))
+    small = ["train.max_steps=4", "train.batch_size=4", "train.device=cpu", "train.lr=0.01", "train.eval_every=4"]
+    run_classify(base, [data], out=tmp_path / "frozen", overrides=small, freeze_steps=4, baseline=False)
+    assert _gpt_weights_equal(tmp_path / "frozen", base)
+    assert load_classifier(tmp_path / "frozen").head.weight.abs().sum() > 0
+    summary = run_classify(base, [data], out=tmp_path / "thawed", overrides=small, freeze_steps=2, lm_weight=0.5,
+                           baseline=False)
+    assert not _gpt_weights_equal(tmp_path / "thawed", base)
+    assert summary["options"]["lm_weight"] == 0.5 and summary["options"]["freeze_steps"] == 2
+
+
+def test_select_on_accuracy_keeps_the_best_val_accuracy_and_scores_val(tmp_path, base_run):
+    base, _ = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(300))
+    out = tmp_path / "clf"
+    summary = run_classify(base, [data], out=out, overrides=TRAIN + ["train.eval_every=10", "train.checkpoint_every=10"],
+                           select="accuracy", score_test=False, pooling="meanmax", head_dropout=0.1)
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert all(r["val_loss"] == pytest.approx(1 - r["val_accuracy"]) and "val_nll" in r for r in evals)
+    best = max(evals, key=lambda r: (r["val_accuracy"], -r["step"]))  # the first of equally good steps
+    assert summary["best_checkpoint"] == f"step-{best['step']:06d}"
+    assert summary["scored_split"] == "val" and sum(map(sum, summary["lathe"]["confusion_matrix"])) == summary["counts"]["val"]
+    assert summary["lathe"]["accuracy"] == pytest.approx(best["val_accuracy"])  # the kept weights score it again
+    with pytest.raises(LatheError, match="select 'f1'"):
+        run_classify(base, [data], out=tmp_path / "bad", overrides=TRAIN, select="f1")
+
+
+def test_paired_comparison_and_exact_mcnemar():
+    from scipy.stats import binomtest
+
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 2**10)
+    for a, b in ((7, 3), (30, 12), (50, 51)):
+        assert mcnemar_p(a, b) == pytest.approx(binomtest(a, a + b, 0.5).pvalue) == mcnemar_p(b, a)
+    y = ["p"] * 100
+    a = ["p"] * 90 + ["n"] * 10  # wrong on items 90-99
+    b = ["n"] * 20 + ["p"] * 80  # wrong on items 0-19: no item is wrong for both
+    c = paired_comparison(y, a, b)
+    assert c["difference"] == pytest.approx(0.1)
+    assert (c["only_a_right"], c["only_b_right"]) == (20, 10)
+    assert c["ci_low"] < 0.1 < c["ci_high"]
+    assert c["mcnemar_p"] == pytest.approx(binomtest(20, 30, 0.5).pvalue)

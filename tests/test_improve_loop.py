@@ -110,3 +110,19 @@ def test_tune_keeps_a_helpful_change_discards_a_harmful_one_and_logs_a_crash(tmp
     crashed = next(r for r in rows if r[1] == "width=33")
     assert "n_embd" in crashed[5]
     assert abs(load_improve_config(run.path / "tune_best.yaml").train.lr - 5e-3) < 1e-12
+
+
+def test_control_arms_run_side_by_side_in_worker_processes_with_the_same_results(tmp_path):
+    short = ["train.max_steps=100", "retrain.max_steps=20", "propose.prompts_per_round=100", "controls=true",
+             "rounds=1"]
+    results = {}
+    for workers in (1, 2):
+        cfg = load_improve_config("improve-tiny", short + [f"workers={workers}"])
+        results[workers] = improve(ImproveRun(tmp_path / f"workers-{workers}"), cfg)
+
+    def comparable(arms):  # seconds differ; everything else is a function of the seeds
+        return {arm: [{k: v for k, v in row.items() if k != "seconds"} for row in rows] for arm, rows in arms.items()}
+
+    assert set(results[2]) == {"loop", "keep-all", "no-loop"}
+    assert all([row["round"] for row in rows] == [1] for rows in results[2].values())
+    assert comparable(results[2]) == comparable(results[1])

@@ -5,17 +5,26 @@
 Pooling (`pooling=`): "last" feeds the head the final-norm hidden state of each text's last real
 token: under causal attention it is the only position that has seen the whole text. "mean" averages
 the hidden states of all real tokens (each has seen the text up to itself), which gives a small model
-a bag-of-features view that is easier to train. Pads come after the real tokens (right padding), so
-causal attention never lets a real token see one and no attention mask is needed. Texts are encoded
-as <|bos|> + tokens (as documents are in pretraining) and cut to block_size tokens from the start.
+a bag-of-features view that is easier to train; "meanmax" concatenates that mean with the per-feature
+maximum over the tokens (ULMFiT's concat pooling, without the last state). Pads come after the real
+tokens (right padding), so causal attention never lets a real token see one and no attention mask is
+needed. Texts are encoded as <|bos|> + tokens (as documents are in pretraining) and cut to
+block_size tokens from the start.
 
 Data: .jsonl rows {"text", "label"}, .csv/.tsv files with a header naming `text` and `label`, or a
 folder holding the sentence-polarity files rt-polarity.pos / rt-polarity.neg (latin-1, one sentence
 a line). Examples are split into train/val/test by a hash of the text (10% val, 10% test), so the
 split is the same on every machine and a repeated sentence never straddles two splits.
 
+Small data (a few thousand examples) overfits a transformer quickly. The options that regularise it:
+`head_dropout` (on the pooled features), `lm_weight` (the next-token loss on the training texts kept as
+an auxiliary objective, as in GPT-1: loss = classification + lm_weight * LM), `freeze_steps` (the
+first steps train the zero-initialised head alone, so its early noise does not reach the body) and
+`select="accuracy"` (keep the checkpoint of the best val accuracy rather than val loss).
+
 The test split is scored with accuracy, per-class and macro precision / recall / F1 and a confusion
-matrix, beside a bag-of-words logistic regression (scikit-learn) trained on the same train split.
+matrix, beside a bag-of-words logistic regression (scikit-learn) trained on the same train split, and
+the two are compared on the same sentences (paired bootstrap interval, exact McNemar test).
 The checkpoint stores the backbone and the head (keys gpt.* and head.*); its state.json records the
 labels, and `load_classifier(out)` rebuilds the model.
 """
@@ -24,6 +33,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -35,7 +46,7 @@ import torch.nn.functional as F
 from lathe.config import ModelConfig, TrainConfig
 from lathe.console import info, warn
 from lathe.errors import LatheError
-from lathe.eval.metrics import classification_report, confusion_matrix
+from lathe.eval.metrics import bootstrap_ci, classification_report, confusion_matrix
 from lathe.finetune.sft import (apply_lora_if, hash_unit, load_base_model, markdown_table, output_dir,
                                 prepare_output, save_lora_outputs, stage_options, write_stage_report)
 from lathe.model import GPT
@@ -49,37 +60,54 @@ CLASSIFY_DEFAULTS = {"max_steps": 400, "lr": 5e-4, "warmup_steps": 20, "batch_si
                      "checkpoint_every": 50, "log_every": 10, "weight_decay": 0.1}
 
 
-# --- the model --------------------------------------------------------------------------------
-POOLINGS = ("last", "mean")
+# --- the model ---------------------------------------------------------------------------------
+POOLINGS = ("last", "mean", "meanmax")
 
 
 class Classifier(nn.Module):
     """A lathe GPT plus a linear head on pooled hidden states (see the module docstring)."""
 
-    def __init__(self, gpt: GPT, labels: list[str], pooling: str = "mean"):
+    def __init__(self, gpt: GPT, labels: list[str], pooling: str = "mean", head_dropout: float = 0.0,
+                 train_lm_head: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise LatheError(f"pooling '{pooling}': one of {', '.join(POOLINGS)}")
         self.gpt = gpt
         self.labels = list(labels)
         self.pooling = pooling
-        self.head = nn.Linear(gpt.cfg.n_embd, len(labels))
+        self.head_drop = nn.Dropout(head_dropout)
+        self.head = nn.Linear(gpt.cfg.n_embd * (2 if pooling == "meanmax" else 1), len(labels))
         nn.init.zeros_(self.head.weight)  # start from uniform predictions; the backbone is already trained
         nn.init.zeros_(self.head.bias)
-        if not gpt.cfg.tie_embeddings:  # an untied LM head is unused here: freeze it (DDP needs every
-            gpt.lm_head.weight.requires_grad_(False)  # trainable parameter to get a gradient)
+        if not gpt.cfg.tie_embeddings and not train_lm_head:  # an unused untied LM head is frozen (DDP
+            gpt.lm_head.weight.requires_grad_(False)  # needs every trainable parameter to get a gradient)
 
     @property
     def cfg(self) -> ModelConfig:  # checkpoints record the backbone's config
         return self.gpt.cfg
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) right-padded, lengths (B,) real tokens per row -> logits (B, n_labels)."""
-        h = self.gpt.hidden_states(idx)
+    def pool(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
-            return self.head(h[torch.arange(idx.size(0), device=idx.device), lengths - 1])
-        real = (torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]).unsqueeze(-1)
-        return self.head((h * real).sum(1) / lengths[:, None])
+            return h[torch.arange(h.size(0), device=h.device), lengths - 1]
+        real = (torch.arange(h.size(1), device=h.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        mean = (h * real).sum(1) / lengths[:, None]
+        if self.pooling == "mean":
+            return mean
+        return torch.cat([mean, h.masked_fill(~real, float("-inf")).amax(1)], dim=-1)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, lm_loss: bool = False, frozen_body: bool = False):
+        """idx (B, T) right-padded, lengths (B,) real tokens per row -> logits (B, n_labels); with
+        lm_loss=True also the next-token loss on the real tokens (the auxiliary objective). With
+        frozen_body=True no gradient reaches the GPT (the head trains alone)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_body):
+            h = self.gpt.hidden_states(idx)
+        logits = self.head(self.head_drop(self.pool(h, lengths)))
+        if not lm_loss:
+            return logits
+        targets = idx[:, 1:].masked_fill(torch.arange(1, idx.size(1), device=idx.device)[None, :] >= lengths[:, None],
+                                         -100)  # pads are not predicted
+        lm_logits = self.gpt.lm_head(h[:, :-1]).float()
+        return logits, F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
 def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
@@ -202,17 +230,30 @@ class EncodedSplit:
 
 
 def classify_batches(split: EncodedSplit, batch_size: int, seed: int):
-    """get_batch(i) -> (ids, lengths, labels): a pure function of (seed, i)."""
+    """get_batch(i) -> (ids, lengths, labels, i): a pure function of (seed, i). The micro-batch index
+    rides along so the loss knows the step (for freeze_steps) on a fresh or resumed run alike."""
 
     def get_batch(i: int):
-        return split.batch(np.random.default_rng([seed, i]).integers(0, len(split), size=batch_size))
+        picks = np.random.default_rng([seed, i]).integers(0, len(split), size=batch_size)
+        return (*split.batch(picks), torch.tensor([i]))
 
     return get_batch
 
 
-def classify_loss(model, batch) -> torch.Tensor:
-    ids, lengths, labels = batch
-    return F.cross_entropy(model(ids, lengths).float(), labels)
+def classify_loss_fn(lm_weight: float = 0.0, freeze_batches: int = 0):
+    """The loss for the training loop: cross-entropy of the labels, plus lm_weight x the next-token
+    loss of the same texts (GPT-1's auxiliary objective). Micro-batches before index freeze_batches
+    train the head alone (the zero-initialised head would otherwise send noise into the body)."""
+
+    def loss_fn(model, batch) -> torch.Tensor:
+        ids, lengths, labels, index = batch
+        frozen = int(index[0]) < freeze_batches
+        if lm_weight and not frozen:
+            logits, lm = model(ids, lengths, lm_loss=True)
+            return F.cross_entropy(logits.float(), labels) + lm_weight * lm
+        return F.cross_entropy(model(ids, lengths, frozen_body=frozen).float(), labels)
+
+    return loss_fn
 
 
 @torch.no_grad()
@@ -256,16 +297,31 @@ def bag_of_words_baseline(train: list[tuple[str, str]], val: list[tuple[str, str
 
 
 # --- the stage --------------------------------------------------------------------------------
+SELECT_ON = ("loss", "accuracy")
+
+
 def train_classifier(model: Classifier, splits: dict[str, EncodedSplit], cfg: TrainConfig, out: Path,
-                     resume: bool = False):
-    """Fine-tune with the shared loop; afterwards the model holds the weights of the best val loss."""
+                     resume: bool = False, lm_weight: float = 0.0, freeze_steps: int = 0, select: str = "loss"):
+    """Fine-tune with the shared loop; afterwards the model holds the weights of the best val score.
+
+    select="loss": the best val cross-entropy. select="accuracy": the best val accuracy; the loop keeps
+    the checkpoint of the lowest "val_loss", so that metric is then the val error rate (1 - accuracy,
+    the 0-1 loss) and the cross-entropy is logged as val_nll."""
+    if select not in SELECT_ON:
+        raise LatheError(f"select '{select}': one of {', '.join(SELECT_ON)}")
 
     def evaluate(m) -> dict:
-        preds, loss = predict(m, splits["val"])
-        return {"val_loss": loss, "val_accuracy": float(np.mean(preds == splits["val"].labels))}
+        preds, nll = predict(m, splits["val"])
+        accuracy = float(np.mean(preds == splits["val"].labels))
+        if select == "accuracy":
+            return {"val_loss": 1.0 - accuracy, "val_nll": nll, "val_accuracy": accuracy}
+        return {"val_loss": nll, "val_accuracy": accuracy}
 
+    if freeze_steps and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LatheError("freeze_steps needs a single process: DDP expects a gradient for every parameter")
+    loss_fn = classify_loss_fn(lm_weight, freeze_steps * cfg.grad_accum)
     result = train(model, cfg, classify_batches(splits["train"], cfg.batch_size, cfg.seed), evaluate, out,
-                   resume=resume, loss_fn=classify_loss, stage="classify",
+                   resume=resume, loss_fn=loss_fn, stage="classify",
                    extra_state={"labels": model.labels, "pooling": model.pooling})
     best = load_state(resolve_checkpoint(out)).get("best_checkpoint")
     if best and (out / "checkpoints" / best).exists():
@@ -275,8 +331,14 @@ def train_classifier(model: Classifier, splits: dict[str, EncodedSplit], cfg: Tr
 
 def run_classify(base: str | Path, data: list[str | Path], out: str | Path | None = None, name: str | None = None,
                  overrides: Iterable[str] = (), resume: bool = False, lora: bool = False,
-                 lora_rank: int = 8, baseline: bool = True, pooling: str = "mean") -> dict:
-    """`lathe finetune classify`: writes <out>/classify_report.{md,json} and returns the summary."""
+                 lora_rank: int = 8, baseline: bool = True, pooling: str = "mean", head_dropout: float = 0.0,
+                 lm_weight: float = 0.0, freeze_steps: int = 0, select: str = "loss", score_test: bool = True) -> dict:
+    """`lathe finetune classify`: writes <out>/classify_report.{md,json} and returns the summary.
+
+    head_dropout: dropout on the pooled features. lm_weight: weight of the auxiliary next-token loss
+    on the training texts. freeze_steps: the first steps train the head alone. select: keep the
+    weights of the best val "loss" or "accuracy". score_test=False scores the val split instead of
+    the test split (for choosing settings without looking at test)."""
     from lathe.tokenizer import Tokenizer
 
     base_run = RunDir.resolve(base)
@@ -294,28 +356,56 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
     encoded = {split: EncodedSplit(tok, rows, labels, gpt.cfg.block_size) for split, rows in raw.items()}
     info("classify: " + ", ".join(f"{n} {len(s)}" for n, s in encoded.items()) + f" examples, labels {labels}")
     torch.manual_seed(cfg.seed)
-    model = Classifier(gpt, labels, pooling)
+    model = Classifier(gpt, labels, pooling, head_dropout, train_lm_head=lm_weight > 0)
     if lora:
         model.gpt = apply_lora_if(model.gpt, lora, lora_rank)  # the head stays fully trainable
-    result, best = train_classifier(model, encoded, cfg, out, resume)
+    result, best = train_classifier(model, encoded, cfg, out, resume, lm_weight, freeze_steps, select)
     if lora:  # <out>/merged: a plain classifier checkpoint that load_classifier reads
         model.gpt = save_lora_outputs(model.gpt, out)
         save_checkpoint(out / "merged", result.step, model, None, {"labels": labels, "pooling": pooling})
 
-    preds, test_loss = predict(model, encoded["test"])
-    y_true = [labels[i] for i in encoded["test"].labels]
+    scored = "test" if score_test else "val"
+    preds, scored_loss = predict(model, encoded[scored])
+    y_true = [labels[i] for i in encoded[scored].labels]
     y_pred = [labels[i] for i in preds]
     summary = {"base": str(base_run.path), "data": [str(p) for p in data], "labels": labels,
                "counts": {n: len(s) for n, s in encoded.items()},
                "truncated": {n: s.truncated for n, s in encoded.items()},
+               "options": {"pooling": pooling, "head_dropout": head_dropout, "lm_weight": lm_weight,
+                           "freeze_steps": freeze_steps, "select": select, "lr": cfg.lr, "max_steps": cfg.max_steps,
+                           "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+                           "dropout": gpt.cfg.dropout},
                "pooling": pooling, "steps": result.step, "stopped": result.stopped, "best_checkpoint": best,
-               "test_loss": test_loss, "lathe": scores(y_true, y_pred, labels), "lora": lora}
+               "scored_split": scored, f"{scored}_loss": scored_loss, "lathe": scores(y_true, y_pred, labels),
+               "lora": lora}
     if baseline:
-        bow = bag_of_words_baseline(raw["train"], raw["val"], raw["test"])
+        bow = bag_of_words_baseline(raw["train"], raw["val"], raw[scored])
         if bow:
             summary["baseline"] = {"C": bow["C"], **scores(y_true, bow["predictions"], labels)}
+            summary["comparison"] = paired_comparison(y_true, y_pred, bow["predictions"])
     _classify_report(out, summary)
     return summary
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: the chance of a split at least this uneven of the items that
+    exactly one of two systems got right, if each were equally likely to be the one."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(y_true: list, pred_a: list, pred_b: list, seed: int = 0) -> dict:
+    """Accuracy of a minus accuracy of b on the same items: a paired bootstrap 95% interval and the
+    exact McNemar p-value. The difference is beyond noise when the interval excludes 0 (p < 0.05)."""
+    right_a = np.asarray([t == p for t, p in zip(y_true, pred_a)], dtype=np.float64)
+    right_b = np.asarray([t == p for t, p in zip(y_true, pred_b)], dtype=np.float64)
+    ci = bootstrap_ci(right_a - right_b, n=2000, seed=seed)
+    only_a, only_b = int(((right_a == 1) & (right_b == 0)).sum()), int(((right_a == 0) & (right_b == 1)).sum())
+    return {"difference": ci["estimate"], "ci_low": ci["low"], "ci_high": ci["high"],
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)}
 
 
 def scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
@@ -326,14 +416,23 @@ def scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
 
 
 def _classify_report(out: Path, s: dict) -> None:
+    split, o = s["scored_split"], s["options"]
     systems = [("lathe fine-tuned", s["lathe"])] + ([("bag-of-words logistic regression", s["baseline"])]
                                                    if "baseline" in s else [])
     header = ["model", "accuracy", "macro precision", "macro recall", "macro F1"]
     table = [[n, r["accuracy"], r["macro"]["precision"], r["macro"]["recall"], r["macro"]["f1"]] for n, r in systems]
-    sections = [f"Test split: {s['counts']['test']} examples (train {s['counts']['train']}, val {s['counts']['val']}); "
-                f"{s['steps']} steps ({s['stopped']}), weights of the best val loss ({s['best_checkpoint']}), "
-                f"{s['pooling']} pooling.", "",
-                "## Test scores", "", *markdown_table(header, table)]
+    sections = [f"{split.capitalize()} split scored: {s['counts'][split]} examples (train {s['counts']['train']}, "
+                f"val {s['counts']['val']}, test {s['counts']['test']}); {s['steps']} steps ({s['stopped']}), "
+                f"weights of the best val {o['select']} ({s['best_checkpoint']}), {s['pooling']} pooling, "
+                f"head dropout {o['head_dropout']}, auxiliary LM loss weight {o['lm_weight']}, "
+                f"head alone for {o['freeze_steps']} steps.", "",
+                f"## {split.capitalize()} scores", "", *markdown_table(header, table)]
+    if "comparison" in s:
+        c = s["comparison"]
+        sections += ["", f"Paired on the same {s['counts'][split]} sentences: lathe minus bag-of-words accuracy "
+                     f"{c['difference']:+.4f}, bootstrap 95% interval [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]; "
+                     f"only lathe right on {c['only_a_right']}, only bag-of-words right on {c['only_b_right']}, "
+                     f"exact McNemar p = {c['mcnemar_p']:.4f}."]
     for name, r in systems:
         sections += ["", f"### {name}", "", "per class:", "",
                      *markdown_table(["label", "precision", "recall", "F1", "support"],
@@ -343,7 +442,8 @@ def _classify_report(out: Path, s: dict) -> None:
                      *markdown_table(["true \\ predicted", *s["labels"]],
                                      [[lb, *row] for lb, row in zip(s["labels"], r["confusion_matrix"])])]
     write_stage_report(out, "classify", "Classification fine-tuning", s, sections)
-    line = f"classify: test accuracy {s['lathe']['accuracy']:.4f}"
+    line = f"classify: {split} accuracy {s['lathe']['accuracy']:.4f}"
     if "baseline" in s:
-        line += f" (bag-of-words logistic regression {s['baseline']['accuracy']:.4f})"
+        line += f" (bag-of-words logistic regression {s['baseline']['accuracy']:.4f}, McNemar p " \
+                f"{s['comparison']['mcnemar_p']:.3g})"
     info(line)

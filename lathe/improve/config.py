@@ -95,7 +95,9 @@ class ImproveConfig(Section):
     rounds: int = Field(5, ge=0)
     target_accuracy: Optional[float] = Field(None, gt=0, le=1, description="stop once the champion reaches this")
     controls: bool = Field(True, description="also run the no-loop and keep-all arms for comparison")
-    threads: Optional[int] = Field(1, ge=1, description="torch CPU threads; tiny models run best on one")
+    threads: Optional[int] = Field(1, ge=1, description="torch CPU threads per process; tiny models run best on one")
+    workers: Optional[int] = Field(None, ge=1, description="processes running the arms (loop, controls) side by "
+                                                           "side; None: one per CPU core, at most one per arm")
 
     @model_validator(mode="after")
     def _check(self):

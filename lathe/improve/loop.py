@@ -19,12 +19,17 @@ Two control arms run beside the loop, each in controls/<arm>/ with the same base
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -393,6 +398,56 @@ def make_arms(run: ImproveRun, cfg: ImproveConfig, controls: bool) -> list[Arm]:
     return arms
 
 
+# --- arms side by side --------------------------------------------------------------------------------
+class ArmRunner:
+    """Runs one round of several arms: in this process, or side by side in worker processes.
+
+    The arms share nothing they write (each has its own folders and state.json), so their rounds are
+    independent; on a 2-core machine the control arms then cost little wall time. Workers are spawned
+    (not forked: torch's thread pools do not survive a fork), use cfg.threads each, and die with the
+    loop (Linux): a killed loop leaves no worker writing behind it, and --resume redoes unfinished phases."""
+
+    def __init__(self, run: ImproveRun, cfg: ImproveConfig, controls: bool, arms: int):
+        self.run, self.cfg, self.controls = run, cfg, controls
+        workers = min(cfg.workers or os.cpu_count() or 1, arms)
+        self.pool = None
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(workers, context, initializer=_worker_init, initargs=(cfg.threads,))
+
+    def round(self, ws: "Workshop", arms: list[Arm], r: int) -> dict:
+        if self.pool is None or len(arms) == 1:
+            return {arm.name: run_round(ws, arm, r) for arm in arms}
+        jobs = {arm.name: self.pool.submit(_round_in_worker, str(self.run.path), self.cfg, self.controls, arm.name, r)
+                for arm in arms}
+        try:
+            rows = {name: job.result() for name, job in jobs.items()}
+        except BrokenProcessPool:
+            raise LatheError(f"a worker process of round {r} died; `lathe improve --resume` continues the run "
+                             f"from its last finished phase") from None
+        for arm in arms:
+            arm.state = State.load(arm.run)
+        return rows
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _worker_init(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):  # die with the parent: no orphan writes into a resumed run
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+
+
+def _round_in_worker(run_path: str, cfg: ImproveConfig, controls: bool, name: str, r: int) -> dict:
+    run = ImproveRun(run_path)
+    arm = next(a for a in make_arms(run, cfg, controls) if a.name == name)
+    arm.state = State.load(arm.run)
+    return run_round(Workshop(run, cfg), arm, r)
+
+
 def improve(run: ImproveRun, cfg: ImproveConfig, forever: bool = False, max_rounds: int | None = None) -> dict:
     """Run (or resume) the loop in `run`: round 0, then rounds until cfg.rounds (or, with forever, until
     max_rounds, if given), the collapse guard or cfg.target_accuracy stops it. Returns {arm: rows}."""
@@ -401,7 +456,8 @@ def improve(run: ImproveRun, cfg: ImproveConfig, forever: bool = False, max_roun
     started, cpu_started = time.perf_counter(), time.process_time()
     setup_run(run, cfg)
     ws = Workshop(run, cfg)
-    arms = make_arms(run, cfg, cfg.controls and not forever)
+    controls = cfg.controls and not forever
+    arms = make_arms(run, cfg, controls)
     home = arms[0]
     home.state = State.load(run) or State()
     if home.state.round == 0:
@@ -411,14 +467,19 @@ def improve(run: ImproveRun, cfg: ImproveConfig, forever: bool = False, max_roun
          + (f", run-to-run spread {home.state.run_noise:.3f}" if cfg.gate.noise_runs > 1 else ""))
     for arm in arms[1:]:
         arm.state = State.load(arm.run) or State(round=1, base_ppl=home.state.base_ppl, run_noise=home.state.run_noise)
+        arm.state.save(arm.run)  # a worker process reads it from there
         write_text(arm.run.config, dump_config(arm.cfg))
     last = max_rounds if forever else cfg.rounds
     r = min(arm.state.round for arm in arms)
-    while (last is None or r <= last) and not _should_stop(run, home, cfg, r):
-        rows = {arm.name: run_round(ws, arm, r) for arm in arms if arm.state.round == r and not arm.state.stopped}
-        info(round_line(r, rows))
-        write_report(run)  # after every round: a long --forever run shows its progress
-        r += 1
+    runner = ArmRunner(run, cfg, controls, len(arms))
+    try:
+        while (last is None or r <= last) and not _should_stop(run, home, cfg, r):
+            rows = runner.round(ws, [arm for arm in arms if arm.state.round == r and not arm.state.stopped], r)
+            info(round_line(r, rows))
+            write_report(run)  # after every round: a long --forever run shows its progress
+            r += 1
+    finally:
+        runner.close()
     if home.state.stopped:
         info(f"loop stopped: {home.state.stopped}")
     info(f"improve: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU "
