@@ -10,7 +10,8 @@
    sentence and no label is seen before fine-tuning.
 2. Classification: `run_classify` on ../shared/data/classify (hash split 80/10/10); the test accuracy
    of the fine-tuned model beside a scikit-learn logistic regression on word counts (C picked on val),
-   trained on the same train split.
+   trained on the same train split, with the paired McNemar test. This is the quick check on the shared
+   block-384 base; bench/polarity.py is the tuned recipe (a short-context base made for classification).
 3. SFT: `run_sft` on GSM8K train; the share of well-formed answers ('#### <number>') on the first
    --format-eval test questions, greedy, before and after SFT. Correctness is not expected at this size.
 
@@ -116,6 +117,7 @@ def main() -> int:
         numbers["polarity"] = {"lathe_accuracy": s["lathe"]["accuracy"], "lathe_macro_f1": s["lathe"]["macro"]["f1"],
                                "bow_lr_accuracy": s["baseline"]["accuracy"],
                                "bow_lr_macro_f1": s["baseline"]["macro"]["f1"],
+                               "mcnemar_p": s["comparison"]["mcnemar_p"],
                                "test_examples": s["counts"]["test"], "seconds": round(time.perf_counter() - t, 1)}
     if "sft" not in args.skip:
         t = time.perf_counter()
@@ -132,7 +134,8 @@ def main() -> int:
     if "polarity" in numbers:
         n = numbers["polarity"]
         print(f"polarity test accuracy: lathe {n['lathe_accuracy']:.4f} vs bag-of-words LR {n['bow_lr_accuracy']:.4f} "
-              f"(difference {n['lathe_accuracy'] - n['bow_lr_accuracy']:+.4f}, {n['test_examples']} test sentences)")
+              f"(difference {n['lathe_accuracy'] - n['bow_lr_accuracy']:+.4f}, {n['test_examples']} test sentences, "
+              f"McNemar p = {n['mcnemar_p']:.3g})")
     if "gsm8k_format" in numbers:
         n = numbers["gsm8k_format"]
         print(f"GSM8K well-formed answers: {n['before']:.1%} before SFT -> {n['after']:.1%} after "

@@ -14,7 +14,7 @@ from lathe.improve.config import ImproveConfig, load_improve_config
 from lathe.improve.data import ImproveRun, check_originals, ingest_inbox, load_originals, mix_batches
 from lathe.improve.decode import complete
 from lathe.improve.gate import decide
-from lathe.improve.loop import Arm, State, Workshop, phase_propose, phase_verify, setup_run
+from lathe.improve.loop import Arm, State, Workshop, drop_mastered, phase_propose, phase_verify, setup_run
 from lathe.improve.tune import apply_change
 from lathe.io import read_jsonl
 from lathe.model import GPT
@@ -182,6 +182,19 @@ def test_father_proposes_and_the_verifier_keeps_only_right_answers(tmp_path, fat
     assert kept and all(v["verifier"] == "addition" for v in kept)
     # the two identical samples of each prompt: the second is a duplicate
     assert sum(v["rejected_by"] == "filter:dedup" for v in verdicts if not v["kept"]) >= len(kept)
+
+
+def test_drop_mastered_keeps_only_the_frontier():
+    def verdict(prompt, kept, rejected_by=None):
+        return {"prompt": prompt, "kept": kept, "rejected_by": rejected_by}
+
+    verdicts = [verdict("1+1=", True), verdict("1+1=", False, "filter:dedup"),  # both right: mastered
+                verdict("9+9=", True), verdict("9+9=", False, "verifier:addition"),  # one of two: the frontier
+                verdict("5+5=", True)]  # a single sample says nothing about mastery
+    drop_mastered(verdicts)
+    assert [v["kept"] for v in verdicts] == [False, False, True, False, True]
+    assert verdicts[0]["rejected_by"] == "filter:mastered" and "all 2 samples right" in verdicts[0]["reason"]
+    assert verdicts[1]["rejected_by"] == "filter:dedup"
 
 
 # --- tune changes -----------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class ProposeConfig(Section):
 class VerifyConfig(Section):
     verifier: Optional[str] = Field(None, description="None: the task's own checker; 'none': keep every sample")
     filters: list[str] = ["degenerate", "dedup"]
+    drop_mastered: bool = Field(False, description="drop the samples of prompts whose k samples all passed: the "
+                                                   "champion already masters them; keep the frontier")
 
 
 class GateConfig(Section):

@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -287,7 +288,23 @@ def phase_verify(ws: Workshop, arm: Arm, r: int) -> None:
         else:
             verdict = judge(cand, checks, verifier, name, dedup)
         verdicts.append({**cand, **verdict})
+    if cfg.verify.drop_mastered and verifier is not None:
+        drop_mastered(verdicts)
     write_jsonl(arm.run.work(r) / "verdicts.jsonl", verdicts)
+
+
+def drop_mastered(verdicts: list[dict]) -> None:
+    """Reject the kept samples of prompts whose samples all passed the verifier (dedup aside): the
+    champion answers those reliably already, and training on them would drown the rare right answers
+    to prompts it is still learning."""
+    passed: dict[str, list[bool]] = {}
+    for v in verdicts:
+        passed.setdefault(v["prompt"], []).append(v["kept"] or v["rejected_by"] == "filter:dedup")
+    for v in verdicts:
+        samples = passed[v["prompt"]]
+        if v["kept"] and len(samples) > 1 and all(samples):
+            v.update(kept=False, rejected_by="filter:mastered",
+                     reason=f"all {len(samples)} samples right: the champion already masters this prompt")
 
 
 def judge(cand: dict, checks, verifier, verifier_name: str, dedup) -> dict:
@@ -453,7 +470,7 @@ def improve(run: ImproveRun, cfg: ImproveConfig, forever: bool = False, max_roun
     max_rounds, if given), the collapse guard or cfg.target_accuracy stops it. Returns {arm: rows}."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     setup_run(run, cfg)
     ws = Workshop(run, cfg)
     controls = cfg.controls and not forever
@@ -482,9 +499,15 @@ def improve(run: ImproveRun, cfg: ImproveConfig, forever: bool = False, max_roun
         runner.close()
     if home.state.stopped:
         info(f"loop stopped: {home.state.stopped}")
-    info(f"improve: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU "
+    info(f"improve: {time.perf_counter() - started:.0f} s wall, {cpu_seconds() - cpu_started:.0f} s CPU "
          f"in this session; report in {write_report(run)}")
     return {arm.name: read_jsonl(arm.run.rounds) for arm in arms}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _should_stop(run: ImproveRun, home: Arm, cfg: ImproveConfig, r: int) -> bool:
