@@ -11,12 +11,14 @@ from lathe.config import ModelConfig
 from lathe.errors import LatheError
 from lathe.generate import stream_ids
 from lathe.improve.config import ImproveConfig, load_improve_config
-from lathe.improve.data import ImproveRun, check_originals, ingest_inbox, load_originals, mix_batches
+from lathe.improve.data import (ImproveRun, check_originals, ingest_inbox, load_originals, mix_batches,
+                               write_round)
 from lathe.improve.decode import complete
 from lathe.improve.gate import decide
-from lathe.improve.loop import Arm, State, Workshop, drop_mastered, phase_propose, phase_verify, setup_run
+from lathe.improve.loop import (Arm, State, Workshop, _should_stop, drop_mastered, phase_gate, phase_propose,
+                                phase_verify, setup_run)
 from lathe.improve.tune import apply_change
-from lathe.io import read_jsonl
+from lathe.io import read_jsonl, write_json
 from lathe.model import GPT
 
 
@@ -195,6 +197,21 @@ def test_drop_mastered_keeps_only_the_frontier():
     assert [v["kept"] for v in verdicts] == [False, False, True, False, True]
     assert verdicts[0]["rejected_by"] == "filter:mastered" and "all 2 samples right" in verdicts[0]["reason"]
     assert verdicts[1]["rejected_by"] == "filter:dedup"
+
+
+def test_collapse_guard_refuses_a_better_candidate_whose_perplexity_blew_up_and_stops_the_loop(tmp_path):
+    cfg = load_improve_config("improve-tiny", ["gate.collapse_ppl_ratio=2.0"])
+    run = ImproveRun(tmp_path / "c")
+    correct = {0: [0] * 50 + [1] * 50, 1: [1] * 100}  # the candidate answers every held-out item right...
+    for r, ppl in ((0, 1.5), (1, 3.5)):  # ...but its held-out perplexity is 3.5 > 2 x the base's 1.5
+        write_json(run.work(r) / "eval.json", {"accuracy": sum(correct[r]) / 100, "correct": correct[r], "ppl": ppl})
+    write_round(run, 1, [], {"round": 1, "candidates": 0, "kept": 0, "rejected": 0, "rejected_by": {}})
+    arm = Arm("loop", run, cfg, state=State(round=1, base_ppl=1.5))
+    phase_gate(None, arm, 1)
+    row = read_jsonl(run.rounds)[0]
+    assert not row["promoted"] and row["champion"] == 0 and row["reason"].startswith("collapse")
+    assert arm.state.champion == 0 and "collapse" in arm.state.stopped
+    assert _should_stop(run, arm, cfg, 2)
 
 
 # --- tune changes -----------------------------------------------------------------------------
