@@ -47,7 +47,7 @@ from lathe.console import info, progress_bar
 from lathe.errors import LatheError
 from lathe.io import append_jsonl
 from lathe.model import GPT
-from lathe.train.checkpoint import latest_checkpoint, load_optimizer, load_state, load_weights, save_checkpoint
+from lathe.train.checkpoint import latest_checkpoint, restore, save_checkpoint
 from lathe.train.dist import autocast_context, pick_device
 from lathe.train.loop import make_optimizer, truncate_metrics
 from lathe.train.schedule import lr_at
@@ -309,11 +309,7 @@ def train_grpo(policy: GPT, tokenizer, prompts: Sequence, rewards, cfg: TrainCon
     step = 0
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if ckpt is not None:
-        load_weights(policy, ckpt)
-        load_optimizer(optimizer, ckpt)
-        saved = load_state(ckpt)
-        state.update({k: saved[k] for k in state if k in saved})
-        step = saved["step"]
+        step = restore(ckpt, policy, optimizer, state)
         truncate_metrics(metrics_path, step)
         info(f"resuming grpo from {ckpt} (step {step})")
     elif metrics_path.exists():

@@ -80,6 +80,16 @@ def load_weights(model: GPT, ckpt: Path) -> None:
         raise LatheError(f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})")
 
 
+def restore(ckpt: Path, model: GPT, optimizer, state: dict) -> int:
+    """Resume from a checkpoint: weights, optimizer and RNG, and the saved values of `state`'s keys
+    (updated in place). Returns the checkpoint's step."""
+    load_weights(model, ckpt)
+    load_optimizer(optimizer, ckpt)
+    saved = load_state(ckpt)
+    state.update({k: saved[k] for k in state if k in saved})
+    return saved["step"]
+
+
 def load_optimizer(optimizer, ckpt: Path) -> None:
     blob = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])

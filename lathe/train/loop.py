@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lathe.config import TrainConfig
 from lathe.console import info, progress_bar
 from lathe.io import append_jsonl, read_jsonl, write_text
-from lathe.train.checkpoint import latest_checkpoint, load_optimizer, load_state, load_weights, save_checkpoint
+from lathe.train.checkpoint import latest_checkpoint, restore, save_checkpoint
 from lathe.train.dist import Dist, all_reduce_mean, any_rank, autocast_context, setup_distributed
 from lathe.train.schedule import lr_at
 
@@ -91,11 +91,7 @@ def train(
     start_step = 0
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if ckpt is not None:
-        load_weights(model, ckpt)
-        load_optimizer(optimizer, ckpt)
-        saved = load_state(ckpt)
-        state.update({k: saved[k] for k in state if k in saved})
-        start_step = saved["step"]
+        start_step = restore(ckpt, model, optimizer, state)
         if d.is_main:
             truncate_metrics(metrics_path, start_step)
             info(f"resuming {stage} from {ckpt} (step {start_step})")
