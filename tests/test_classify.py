@@ -207,6 +207,20 @@ def test_head_dropout_acts_in_training_only():
     assert torch.allclose(model(ids, lengths)[0], model(ids, lengths)[1])
 
 
+def test_predict_scores_without_dropout_and_restores_the_mode(base_run):
+    _, tok = base_run
+    model = tiny_classifier(head_dropout=0.9)
+    model.gpt = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=32, dropout=0.5))
+    torch.nn.init.normal_(model.head.weight)
+    split = EncodedSplit(tok, [(r["text"], "a") for r in keyword_examples(200)], ["a", "b"], 32)
+    model.train()
+    first, nll = predict(model, split)
+    assert model.training
+    model.eval()
+    again, nll_again = predict(model, split)
+    assert np.array_equal(first, again) and nll == pytest.approx(nll_again)
+
+
 def test_frozen_body_gets_no_gradient():
     loss_fn = classify_loss_fn(lm_weight=0.5, freeze_batches=2)
     batch = (torch.tensor([[1, 5, 7]]), torch.tensor([3]), torch.tensor([1]))

@@ -15,6 +15,7 @@ from lathe.improve.data import (ImproveRun, check_originals, ingest_inbox, load_
                                write_round)
 from lathe.improve.decode import complete
 from lathe.improve.gate import decide
+from lathe.improve.propose import written_prompts
 from lathe.improve.loop import (Arm, State, Workshop, _should_stop, drop_mastered, phase_gate, phase_propose,
                                 phase_verify, setup_run)
 from lathe.improve.tune import apply_change
@@ -212,6 +213,11 @@ def test_collapse_guard_refuses_a_better_candidate_whose_perplexity_blew_up_and_
     assert not row["promoted"] and row["champion"] == 0 and row["reason"].startswith("collapse")
     assert arm.state.champion == 0 and "collapse" in arm.state.stopped
     assert _should_stop(run, arm, cfg, 2)
+
+
+def test_prompts_the_model_writes_are_cut_at_the_prompt_end_and_never_held_out():
+    texts = ["12+34=64", "12+34=46", "5+5=01", "99+1=", "no end", "=7", "7+7=41"]
+    assert written_prompts(texts, exclude={"7+7="}) == ["12+34=", "5+5=", "99+1="]
 
 
 # --- tune changes -----------------------------------------------------------------------------

@@ -41,6 +41,9 @@ def test_accuracy_rises_and_a_killed_loop_resumes_without_losing_or_duplicating(
     assert rows[-1]["accuracy"] > base + 0.1, (base, rows)  # the loop made the model better
     assert any(r["promoted"] for r in rows)
     assert (tmp_path / "runs/straight/report.md").exists() and (tmp_path / "runs/straight/improve.png").exists()
+    verdicts = read_jsonl(tmp_path / "runs/straight/work/round-1/verdicts.jsonl")
+    written = [v for v in verdicts if v["source"] == "self:new-task"]  # prompts the champion wrote itself
+    assert written and any(v["kept"] for v in written)
 
     # killed after round 1's samples are in place but before state.json knows it
     first = lathe_improve(tmp_path, "--name", "k", die_at="loop:1:accumulate")

@@ -258,7 +258,17 @@ def classify_loss_fn(lm_weight: float = 0.0, freeze_batches: int = 0):
 
 @torch.no_grad()
 def predict(model, split: EncodedSplit, batch_size: int = 64) -> tuple[np.ndarray, float]:
-    """Predicted label indices for the whole split and the mean cross-entropy."""
+    """Predicted label indices for the whole split and the mean cross-entropy, in eval mode (no
+    dropout); the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _predict(model, split, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _predict(model, split: EncodedSplit, batch_size: int) -> tuple[np.ndarray, float]:
     device = next(model.parameters()).device
     order = np.argsort([len(ids) for ids in split.ids], kind="stable")  # similar lengths: little padding
     preds = np.zeros(len(split), dtype=np.int64)

@@ -52,6 +52,8 @@ class ProposeConfig(Section):
     father_model: Optional[str] = None
     father_api_key_env: str = "OPENAI_API_KEY"
     father_new_tasks: int = Field(0, ge=0, description="new tasks the father writes per round")
+    self_new_tasks: int = Field(0, ge=0, description="new tasks the champion itself writes per round (sampled "
+                                                     "from <|bos|> up to the prompt's closing '=')")
 
 
 class VerifyConfig(Section):

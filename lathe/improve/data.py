@@ -165,7 +165,8 @@ def encode_example(tok, prompt: str, answer: str | None = None) -> tuple[list[in
 
 
 def pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, y, loss_mask): only answer tokens and the closing eos are learned, never the prompt."""
+    """(x, y, loss_mask) of (ids, skip) rows: the loss covers the tokens after the first `skip` (the
+    answer and the closing eos; with skip 1, the prompt too)."""
     length = max(len(ids) for ids, _ in rows) - 1
     x = torch.full((len(rows), length), pad_id, dtype=torch.long)
     y = torch.full((len(rows), length), pad_id, dtype=torch.long)

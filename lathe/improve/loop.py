@@ -43,7 +43,7 @@ from lathe.improve.data import (ImproveRun, check_originals, encode_example, ing
                                 write_round)
 from lathe.improve.gate import decide, run_spread
 from lathe.improve.decode import complete
-from lathe.improve.propose import Father, choose_prompts, make_tasks
+from lathe.improve.propose import Father, choose_prompts, make_tasks, written_prompts
 from lathe.improve.report import write_report
 from lathe.io import read_json, read_jsonl, write_json, write_text
 from lathe.model import GPT
@@ -102,25 +102,32 @@ class Workshop:
         self.heldout_rows = self.rows(self.heldout)
         self.device = pick_device(cfg.retrain.device)
         self.task_verifier = get_verifier(cfg.task.kind)
+        self.stops = {self.tok.eos_id, self.tok.bos_id}  # an answer ends at <|eos|>
+        self.banned = {self.tok.special_id(name) for name in SPECIAL_TOKENS} - self.stops  # no chat tokens inside
 
-    def rows(self, examples: list[dict]) -> list[tuple[list[int], int]]:
+    def rows(self, examples: list[dict], learn_prompts: bool = False) -> list[tuple[list[int], int]]:
         """Token rows as the model learns them (the answer reversed for answer_order 'reversed'):
-        [bos] prompt answer [eos], and the prompt's length; see data.encode_example."""
+        [bos] prompt answer [eos], and how many leading tokens the loss skips: the prompt's, or only
+        <|bos|> when the model must also learn to write prompts (propose.self_new_tasks)."""
         prompts = self.tok.encode_batch([e["prompt"] for e in examples])
         answers = self.tok.encode_batch([e["answer"][::-1] if self.reversed else e["answer"] for e in examples])
         bos, eos = self.tok.bos_id, self.tok.eos_id
-        return [([bos, *p, *a, eos], len(p) + 1) for p, a in zip(prompts, answers)]
+        return [([bos, *p, *a, eos], 1 if learn_prompts else len(p) + 1) for p, a in zip(prompts, answers)]
 
     def answers(self, model: GPT, prompts: list[str], k: int = 1, temperature: float = 0.0, top_k=None,
                 seed: int = 0) -> list[list[str]]:
         """k answers per prompt (greedy at temperature 0), in the task's natural order."""
         ids = [encode_example(self.tok, p)[0] for p in prompts]
-        stops = {self.tok.eos_id, self.tok.bos_id}
-        controls = {self.tok.special_id(name) for name in SPECIAL_TOKENS} - stops
         outs = complete(model, ids, self.cfg.propose.max_answer_tokens, k, temperature, top_k, seed,
-                        stop_ids=stops, pad_id=self.tok.pad_id, banned_ids=controls)
+                        stop_ids=self.stops, pad_id=self.tok.pad_id, banned_ids=self.banned)
         texts = [[self.tok.decode(s) for s in samples] for samples in outs]
         return [[t[::-1] for t in samples] for samples in texts] if self.reversed else texts
+
+    def new_tasks(self, model: GPT, n: int, exclude: set[str], seed: int) -> list[str]:
+        """Up to n new prompts the model writes itself: free samples from <|bos|>, cut at the prompt's end."""
+        [samples] = complete(model, [[self.tok.bos_id]], model.cfg.block_size - 1, n, 1.0, None, seed,
+                             stop_ids=self.stops, pad_id=self.tok.pad_id, banned_ids=self.banned)
+        return written_prompts([self.tok.decode(s) for s in samples], exclude)
 
     @torch.no_grad()
     def heldout_loss(self, model: GPT) -> float:
@@ -154,7 +161,8 @@ class Workshop:
         """Train on originals + rework with the shared loop; resumes from out_dir's checkpoint if any."""
         if latest_checkpoint(out_dir / "checkpoints") is None:
             shutil.rmtree(out_dir, ignore_errors=True)  # a kill before the first checkpoint: start clean
-        orig_rows, rework_rows = self.rows(examples), self.rows(rework)
+        learn_prompts = self.cfg.propose.self_new_tasks > 0
+        orig_rows, rework_rows = self.rows(examples, learn_prompts), self.rows(rework, learn_prompts)
         for row, example in zip(orig_rows + rework_rows, examples + rework):
             if len(row[0]) > model.cfg.block_size + 1:
                 raise LatheError(f"example {example['prompt']!r} -> {example['answer']!r} has {len(row[0])} tokens, "
@@ -261,6 +269,10 @@ def phase_propose(ws: Workshop, arm: Arm, r: int) -> None:
         else:
             model = load_model(arm.run.model_dir(arm.state.champion), ws.device)
             p = cfg.propose
+            if p.self_new_tasks:
+                new = ws.new_tasks(model, p.self_new_tasks, set(prompts) | ws.heldout_prompts, seed=cfg.task.seed * 1000 + r)
+                picks += [(q, "self:new-task") for q in new]
+                prompts += new
             answers = ws.answers(model, prompts, p.samples_per_prompt, p.temperature, p.top_k, seed=cfg.task.seed * 1000 + r)
             maker = champion_id(arm)
         for (prompt, source), samples in zip(picks, answers):

@@ -2,8 +2,9 @@
 
 Prompts come fresh from the task generator, or are taken from the originals to rework (a fraction,
 `propose.rework_fraction`). Held-out prompts are never proposed. The champion answers each prompt
-k times (one shared prefill, see Workshop.answers in loop.py); optionally a stronger "father" model behind an OpenAI-compatible
-endpoint answers instead, and can write new tasks of its own.
+k times (one shared prefill, see Workshop.answers in loop.py) and can write new tasks of its own
+(sampled freely from <|bos|>); optionally a stronger "father" model behind an OpenAI-compatible
+endpoint answers instead, and can write new tasks too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,20 @@ def choose_prompts(task: TaskConfig, cfg: ProposeConfig, round_: int, originals:
         rng = random.Random(str((task.seed, "rework", round_)))
         picks += [(row["prompt"], "rework:orig") for row in rng.sample(originals, min(n_rework, len(originals)))]
     return picks
+
+
+def written_prompts(texts: list[str], exclude: set[str]) -> list[str]:
+    """New prompts from a model's free samples: each text up to its first '=' (every task's prompt ends
+    there), without repeats or excluded (held-out, already chosen) prompts. Malformed ones stay: the
+    verifier rejects them with a reason."""
+    out, seen = [], set(exclude)
+    for text in texts:
+        head, sep, _ = text.partition("=")
+        prompt = (head + sep).strip()
+        if sep and prompt != "=" and prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
 
 
 # --- the father: a stronger model behind an OpenAI-compatible endpoint --------------------------------
