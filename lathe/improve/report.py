@@ -67,6 +67,10 @@ def write_report(run: ImproveRun) -> Path:
     champion = max(loop, key=lambda r: r["round"])
     lines += [f"- champion after round {champion['round']}: round {champion.get('champion', 0)}, "
               f"{champion['accuracy']:.1%} held-out accuracy"]
+    promoted = [r["round"] for r in loop[1:] if r["promoted"]]
+    rolled_back = [r["round"] for r in loop[1:] if not r["promoted"]]
+    lines += [f"- promotions: {len(promoted)} (rounds {', '.join(map(str, promoted)) or '-'}); rollbacks "
+              f"(champion kept): {len(rolled_back)} (rounds {', '.join(map(str, rolled_back)) or '-'})"]
     if state.get("stopped"):
         lines += [f"- the loop stopped: {state['stopped']}"]
     lines += ["", f"![accuracy and perplexity per round]({image.name})", ""]
