@@ -100,6 +100,8 @@ def parse_args():
     p.add_argument("--lm-weight", type=float, default=0.5, help="weight of the auxiliary LM loss (GPT-1: 0.5)")
     p.add_argument("--freeze-steps", type=int, default=0, help="steps that train the head alone")
     p.add_argument("--val-only", action="store_true", help="score the val split, not test (for choosing settings)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue workdir/NAME's classifier run (a finished one is only scored again)")
     p.add_argument("--name", help="the classifier's folder in workdir (default: polarity, or polarity-val)")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="train.FIELD=VALUE",
                    help="extra classification overrides (repeatable; they win)")
@@ -114,7 +116,8 @@ def classify(base: Path, args) -> dict:
                  f"model.dropout={args.dropout}", *args.overrides]
     return run_classify(base, [args.shared / "classify"], out=args.workdir / args.name, overrides=overrides,
                         pooling=args.pooling, head_dropout=args.head_dropout, lm_weight=args.lm_weight,
-                        freeze_steps=args.freeze_steps, select="accuracy", score_test=not args.val_only)
+                        freeze_steps=args.freeze_steps, select="accuracy", score_test=not args.val_only,
+                        resume=args.resume)
 
 
 def main() -> int:
