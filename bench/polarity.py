@@ -94,11 +94,12 @@ def parse_args():
     p.add_argument("--domain-weight", type=float, default=3.0, help="mixture weight of the unlabelled polarity text")
     p.add_argument("--classify-steps", type=int, default=1500)
     p.add_argument("--classify-lr", type=float, default=5e-4)
-    p.add_argument("--pooling", default="mean", choices=["mean", "meanmax", "last"])
+    p.add_argument("--pooling", default="mean", choices=["mean", "meanmax", "last", "channel"])
     p.add_argument("--dropout", type=float, default=0.1, help="dropout inside the GPT while fine-tuning")
     p.add_argument("--head-dropout", type=float, default=0.3, help="dropout on the pooled features")
     p.add_argument("--lm-weight", type=float, default=0.5, help="weight of the auxiliary LM loss (GPT-1: 0.5)")
     p.add_argument("--freeze-steps", type=int, default=0, help="steps that train the head alone")
+    p.add_argument("--body-lr-scale", type=float, default=1.0, help="the body's learning rate as a fraction of the head's")
     p.add_argument("--val-only", action="store_true", help="score the val split, not test (for choosing settings)")
     p.add_argument("--resume", action="store_true",
                    help="continue workdir/NAME's classifier run (a finished one is only scored again)")
@@ -116,7 +117,8 @@ def classify(base: Path, args) -> dict:
                  f"model.dropout={args.dropout}", *args.overrides]
     return run_classify(base, [args.shared / "classify"], out=args.workdir / args.name, overrides=overrides,
                         pooling=args.pooling, head_dropout=args.head_dropout, lm_weight=args.lm_weight,
-                        freeze_steps=args.freeze_steps, select="accuracy", score_test=not args.val_only,
+                        freeze_steps=args.freeze_steps, body_lr_scale=args.body_lr_scale, select="accuracy",
+                        score_test=not args.val_only,
                         resume=args.resume)
 
 

@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lathe.config import ModelConfig, TokenizerConfig
 from lathe.errors import LatheError
@@ -281,3 +282,57 @@ def test_paired_comparison_and_exact_mcnemar():
     assert (c["only_a_right"], c["only_b_right"]) == (20, 10)
     assert c["ci_low"] < 0.1 < c["ci_high"]
     assert c["mcnemar_p"] == pytest.approx(binomtest(20, 30, 0.5).pvalue)
+
+
+def test_body_lr_scale_slows_the_body_and_not_the_head():
+    """Adam's first step moves each weight by about lr (lr * g / |g|): the body moves by lr * scale."""
+    from lathe.config import TrainConfig
+    from lathe.train.loop import make_optimizer, set_lr
+
+    model = tiny_classifier()
+    torch.nn.init.normal_(model.head.weight)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(lr=0.01, weight_decay=0.0)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"), lambda n: 1.0 if n.startswith("head.") else 0.1)
+    set_lr(optimizer, 0.01)
+    _, lm = model(torch.tensor([[1, 5, 7, 9]]), torch.tensor([4]), lm_loss=True)
+    (F.cross_entropy(model(torch.tensor([[1, 5, 7, 9]]), torch.tensor([4])), torch.tensor([1])) + lm).backward()
+    optimizer.step()
+    head = (model.head.weight - before["head.weight"]).abs().max().item()
+    body = (model.gpt.blocks[0].mlp.up_proj.weight - before["gpt.blocks.0.mlp.up_proj.weight"]).abs().max().item()
+    assert head == pytest.approx(0.01, rel=0.01) and body == pytest.approx(0.001, rel=0.01)
+
+
+def test_body_lr_scale_out_of_range_is_a_clear_error(tmp_path, base_run):
+    base, _ = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(60))
+    with pytest.raises(LatheError, match="body_lr_scale 2.0"):
+        run_classify(base, [data], out=tmp_path / "x", overrides=["train.device=cpu"], body_lr_scale=2.0)
+
+
+def test_channel_readout_scores_each_text_by_its_likelihood_after_the_label():
+    torch.manual_seed(0)
+    gpt = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    prefixes = [[7], [8, 9]]
+    model = Classifier(gpt, ["a", "b"], "channel", prefixes=prefixes).eval()
+    idx, lengths = torch.tensor([[1, 5, 6, 4], [1, 3, 0, 0]]), torch.tensor([4, 2])  # right-padded with 0
+    logits = model(idx, lengths)
+    for row in range(2):
+        text = idx[row, 1 : lengths[row]].tolist()
+        for c, prefix in enumerate(prefixes):
+            seq = torch.tensor([[1, *prefix, *text]])
+            logp = gpt(seq)[0].log_softmax(-1)[0]
+            expected = sum(logp[len(prefix) + j, t] for j, t in enumerate(text))
+            assert logits[row, c].item() == pytest.approx(expected.item(), abs=1e-4)
+    _, nll = model(idx, lengths, lm_loss=True, labels=torch.tensor([1, 0]))
+    assert nll.item() == pytest.approx(-(logits[0, 1] + logits[1, 0]).item() / 4, abs=1e-4)
+
+
+def test_channel_classifier_learns_saves_and_reloads(tmp_path, base_run):
+    base, _ = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(600))
+    out = tmp_path / "channel"
+    summary = run_classify(base, [data], out=out, overrides=TRAIN, pooling="channel", lm_weight=0.5)
+    assert summary["lathe"]["accuracy"] >= 0.9, summary["lathe"]
+    model = load_classifier(out)
+    assert model.pooling == "channel" and model.head.prefixes == summary["prefixes"]

@@ -49,7 +49,7 @@ from lathe.io import append_jsonl
 from lathe.model import GPT
 from lathe.train.checkpoint import latest_checkpoint, restore, save_checkpoint
 from lathe.train.dist import autocast_context, pick_device
-from lathe.train.loop import make_optimizer, truncate_metrics
+from lathe.train.loop import make_optimizer, set_lr, truncate_metrics
 from lathe.train.schedule import lr_at
 
 
@@ -338,8 +338,7 @@ def train_grpo(policy: GPT, tokenizer, prompts: Sequence, rewards, cfg: TrainCon
         task = bar.add_task("grpo", total=cfg.max_steps, completed=step, status="")
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             rng = np.random.default_rng([cfg.seed, step])  # the step's prompts and sampling seeds
             picks = rng.integers(0, len(prompts), size=rl.prompts_per_step)
             seeds = rng.integers(0, 2**31 - 1, size=rl.prompts_per_step)

@@ -19,8 +19,10 @@ split is the same on every machine and a repeated sentence never straddles two s
 Small data (a few thousand examples) overfits a transformer quickly. The options that regularise it:
 `head_dropout` (on the pooled features), `lm_weight` (the next-token loss on the training texts kept as
 an auxiliary objective, as in GPT-1: loss = classification + lm_weight * LM), `freeze_steps` (the
-first steps train the zero-initialised head alone, so its early noise does not reach the body) and
-`select="accuracy"` (keep the checkpoint of the best val accuracy rather than val loss).
+first steps train the zero-initialised head alone, so its early noise does not reach the body),
+`body_lr_scale` (the pretrained body learns at this fraction of the head's learning rate: ULMFiT's
+discriminative fine-tuning) and `select="accuracy"` (keep the checkpoint of the best val accuracy
+rather than val loss).
 
 The test split is scored with accuracy, per-class and macro precision / recall / F1 and a confusion
 matrix, beside a bag-of-words logistic regression (scikit-learn) trained on the same train split, and
@@ -61,14 +63,45 @@ CLASSIFY_DEFAULTS = {"max_steps": 400, "lr": 5e-4, "warmup_steps": 20, "batch_si
 
 
 # --- the model ---------------------------------------------------------------------------------
-POOLINGS = ("last", "mean", "meanmax")
+POOLINGS = ("last", "mean", "meanmax", "channel")
+
+
+def channel_prefix(label: str) -> str:
+    """The text written before a sentence to condition it on a label (a line of its own, as
+    sentences start lines in pretraining documents)."""
+    return f"{label}:\n"
+
+
+class ChannelHead(nn.Module):
+    """The noisy-channel readout: logit_c = log p(text | label c written first) + prior_c, with the
+    base's own LM head. It needs no new weights but a prior per label, so a small labelled set only
+    adapts what pretraining learned (Min et al. 2022, "Noisy Channel Language Model Prompting")."""
+
+    def __init__(self, prefixes: list[list[int]]):
+        super().__init__()
+        self.prefixes = [list(map(int, p)) for p in prefixes]
+        self.bias = nn.Parameter(torch.zeros(len(prefixes)))
+
+    def text_logprobs(self, gpt: GPT, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, n_labels): the summed log-probability of each text's tokens after each label's prefix."""
+        text, n_text = idx[:, 1:], lengths - 1  # idx = <|bos|> + text tokens, right-padded
+        real = torch.arange(text.size(1), device=idx.device)[None, :] < n_text[:, None]
+        scores = []
+        for prefix in self.prefixes:
+            p = torch.tensor(prefix, device=idx.device).expand(idx.size(0), -1)
+            h = gpt.hidden_states(torch.cat([idx[:, :1], p, text], dim=1))
+            logits = gpt.lm_head(h[:, len(prefix) : len(prefix) + text.size(1)]).float()
+            logp = logits.log_softmax(-1).gather(-1, text.unsqueeze(-1)).squeeze(-1)
+            scores.append((logp * real).sum(1))
+        return torch.stack(scores, dim=1)
 
 
 class Classifier(nn.Module):
-    """A lathe GPT plus a linear head on pooled hidden states (see the module docstring)."""
+    """A lathe GPT plus a linear head on pooled hidden states, or the channel readout (see the
+    module docstring)."""
 
     def __init__(self, gpt: GPT, labels: list[str], pooling: str = "mean", head_dropout: float = 0.0,
-                 train_lm_head: bool = False):
+                 train_lm_head: bool = False, prefixes: list[list[int]] | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise LatheError(f"pooling '{pooling}': one of {', '.join(POOLINGS)}")
@@ -76,6 +109,11 @@ class Classifier(nn.Module):
         self.labels = list(labels)
         self.pooling = pooling
         self.head_drop = nn.Dropout(head_dropout)
+        if pooling == "channel":
+            if prefixes is None or len(prefixes) != len(labels):
+                raise LatheError("channel pooling needs one token prefix per label")
+            self.head = ChannelHead(prefixes)
+            return
         self.head = nn.Linear(gpt.cfg.n_embd * (2 if pooling == "meanmax" else 1), len(labels))
         nn.init.zeros_(self.head.weight)  # start from uniform predictions; the backbone is already trained
         nn.init.zeros_(self.head.bias)
@@ -86,6 +124,11 @@ class Classifier(nn.Module):
     def cfg(self) -> ModelConfig:  # checkpoints record the backbone's config
         return self.gpt.cfg
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens the readout adds in front of each text (the channel prefixes)."""
+        return max(map(len, self.head.prefixes)) if self.pooling == "channel" else 0
+
     def pool(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
             return h[torch.arange(h.size(0), device=h.device), lengths - 1]
@@ -95,10 +138,19 @@ class Classifier(nn.Module):
             return mean
         return torch.cat([mean, h.masked_fill(~real, float("-inf")).amax(1)], dim=-1)
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, lm_loss: bool = False, frozen_body: bool = False):
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, lm_loss: bool = False, frozen_body: bool = False,
+                labels: torch.Tensor | None = None):
         """idx (B, T) right-padded, lengths (B,) real tokens per row -> logits (B, n_labels); with
-        lm_loss=True also the next-token loss on the real tokens (the auxiliary objective). With
+        lm_loss=True also the next-token loss on the real tokens (the auxiliary objective; for the
+        channel readout, of each text after its true label, so `labels` is needed). With
         frozen_body=True no gradient reaches the GPT (the head trains alone)."""
+        if self.pooling == "channel":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_body):
+                logprobs = self.head.text_logprobs(self.gpt, idx, lengths)
+            logits = logprobs + self.head.bias
+            if not lm_loss:
+                return logits
+            return logits, -logprobs.gather(1, labels[:, None]).sum() / (lengths - 1).sum().clamp(min=1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_body):
             h = self.gpt.hidden_states(idx)
         logits = self.head(self.head_drop(self.pool(h, lengths)))
@@ -110,13 +162,22 @@ class Classifier(nn.Module):
         return logits, F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
+def classifier_state(model: Classifier) -> dict:
+    """What state.json records beside the weights so that load_classifier can rebuild the model."""
+    state = {"labels": model.labels, "pooling": model.pooling}
+    if model.pooling == "channel":
+        state["prefixes"] = model.head.prefixes
+    return state
+
+
 def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
     """A classifier saved by `run_classify` (a run dir, checkpoints dir or checkpoint dir)."""
     ckpt = resolve_checkpoint(path)
     state = load_state(ckpt)
     if "labels" not in state or "pooling" not in state:
         raise LatheError(f"{ckpt}: not a classifier checkpoint (no labels or pooling in state.json)")
-    model = Classifier(GPT(ModelConfig.model_validate(state["model"])), state["labels"], state["pooling"])
+    model = Classifier(GPT(ModelConfig.model_validate(state["model"])), state["labels"], state["pooling"],
+                       prefixes=state.get("prefixes"))
     load_weights(model, ckpt)
     return model.to(device)
 
@@ -249,7 +310,7 @@ def classify_loss_fn(lm_weight: float = 0.0, freeze_batches: int = 0):
         ids, lengths, labels, index = batch
         frozen = int(index[0]) < freeze_batches
         if lm_weight and not frozen:
-            logits, lm = model(ids, lengths, lm_loss=True)
+            logits, lm = model(ids, lengths, lm_loss=True, labels=labels)
             return F.cross_entropy(logits.float(), labels) + lm_weight * lm
         return F.cross_entropy(model(ids, lengths, frozen_body=frozen).float(), labels)
 
@@ -311,7 +372,8 @@ SELECT_ON = ("loss", "accuracy")
 
 
 def train_classifier(model: Classifier, splits: dict[str, EncodedSplit], cfg: TrainConfig, out: Path,
-                     resume: bool = False, lm_weight: float = 0.0, freeze_steps: int = 0, select: str = "loss"):
+                     resume: bool = False, lm_weight: float = 0.0, freeze_steps: int = 0, select: str = "loss",
+                     body_lr_scale: float = 1.0):
     """Fine-tune with the shared loop; afterwards the model holds the weights of the best val score.
 
     select="loss": the best val cross-entropy. select="accuracy": the best val accuracy; the loop keeps
@@ -332,7 +394,8 @@ def train_classifier(model: Classifier, splits: dict[str, EncodedSplit], cfg: Tr
     loss_fn = classify_loss_fn(lm_weight, freeze_steps * cfg.grad_accum)
     result = train(model, cfg, classify_batches(splits["train"], cfg.batch_size, cfg.seed), evaluate, out,
                    resume=resume, loss_fn=loss_fn, stage="classify",
-                   extra_state={"labels": model.labels, "pooling": model.pooling})
+                   extra_state=classifier_state(model),
+                   lr_scale=lambda name: 1.0 if name.startswith("head.") else body_lr_scale)
     best = load_state(resolve_checkpoint(out)).get("best_checkpoint")
     if best and (out / "checkpoints" / best).exists():
         load_weights(model, out / "checkpoints" / best)  # selected on val, so the test split stays unseen
@@ -342,11 +405,13 @@ def train_classifier(model: Classifier, splits: dict[str, EncodedSplit], cfg: Tr
 def run_classify(base: str | Path, data: list[str | Path], out: str | Path | None = None, name: str | None = None,
                  overrides: Iterable[str] = (), resume: bool = False, lora: bool = False,
                  lora_rank: int = 8, baseline: bool = True, pooling: str = "mean", head_dropout: float = 0.0,
-                 lm_weight: float = 0.0, freeze_steps: int = 0, select: str = "loss", score_test: bool = True) -> dict:
+                 lm_weight: float = 0.0, freeze_steps: int = 0, select: str = "loss", score_test: bool = True,
+                 body_lr_scale: float = 1.0) -> dict:
     """`lathe finetune classify`: writes <out>/classify_report.{md,json} and returns the summary.
 
     head_dropout: dropout on the pooled features. lm_weight: weight of the auxiliary next-token loss
-    on the training texts. freeze_steps: the first steps train the head alone. select: keep the
+    on the training texts. freeze_steps: the first steps train the head alone. body_lr_scale: the
+    backbone's learning rate as a fraction of the head's. select: keep the
     weights of the best val "loss" or "accuracy". score_test=False scores the val split instead of
     the test split (for choosing settings without looking at test)."""
     from lathe.tokenizer import Tokenizer
@@ -363,16 +428,20 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
     prepare_output(out, base_run.tokenizer)
 
     gpt = load_base_model(base_run.path, model_overrides)
-    encoded = {split: EncodedSplit(tok, rows, labels, gpt.cfg.block_size) for split, rows in raw.items()}
-    info("classify: " + ", ".join(f"{n} {len(s)}" for n, s in encoded.items()) + f" examples, labels {labels}")
     torch.manual_seed(cfg.seed)
-    model = Classifier(gpt, labels, pooling, head_dropout, train_lm_head=lm_weight > 0)
+    prefixes = [tok.encode(channel_prefix(label)) for label in labels] if pooling == "channel" else None
+    model = Classifier(gpt, labels, pooling, head_dropout, train_lm_head=lm_weight > 0, prefixes=prefixes)
+    max_len = gpt.cfg.block_size - model.prefix_tokens
+    encoded = {split: EncodedSplit(tok, rows, labels, max_len) for split, rows in raw.items()}
+    info("classify: " + ", ".join(f"{n} {len(s)}" for n, s in encoded.items()) + f" examples, labels {labels}")
     if lora:
         model.gpt = apply_lora_if(model.gpt, lora, lora_rank)  # the head stays fully trainable
-    result, best = train_classifier(model, encoded, cfg, out, resume, lm_weight, freeze_steps, select)
+    if not 0 < body_lr_scale <= 1:
+        raise LatheError(f"body_lr_scale {body_lr_scale}: a fraction of the head's learning rate, in (0, 1]")
+    result, best = train_classifier(model, encoded, cfg, out, resume, lm_weight, freeze_steps, select, body_lr_scale)
     if lora:  # <out>/merged: a plain classifier checkpoint that load_classifier reads
         model.gpt = save_lora_outputs(model.gpt, out)
-        save_checkpoint(out / "merged", result.step, model, None, {"labels": labels, "pooling": pooling})
+        save_checkpoint(out / "merged", result.step, model, None, classifier_state(model))
 
     scored = "test" if score_test else "val"
     preds, scored_loss = predict(model, encoded[scored])
@@ -382,12 +451,13 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
                "counts": {n: len(s) for n, s in encoded.items()},
                "truncated": {n: s.truncated for n, s in encoded.items()},
                "options": {"pooling": pooling, "head_dropout": head_dropout, "lm_weight": lm_weight,
-                           "freeze_steps": freeze_steps, "select": select, "lr": cfg.lr, "max_steps": cfg.max_steps,
+                           "freeze_steps": freeze_steps, "select": select, "body_lr_scale": body_lr_scale,
+                           "lr": cfg.lr, "max_steps": cfg.max_steps,
                            "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                            "dropout": gpt.cfg.dropout},
                "pooling": pooling, "steps": result.step, "stopped": result.stopped, "best_checkpoint": best,
                "scored_split": scored, f"{scored}_loss": scored_loss, "lathe": scores(y_true, y_pred, labels),
-               "lora": lora}
+               "lora": lora, "prefixes": prefixes}
     if baseline:
         bow = bag_of_words_baseline(raw["train"], raw["val"], raw[scored])
         if bow:
@@ -435,7 +505,7 @@ def _classify_report(out: Path, s: dict) -> None:
                 f"val {s['counts']['val']}, test {s['counts']['test']}); {s['steps']} steps ({s['stopped']}), "
                 f"weights of the best val {o['select']} ({s['best_checkpoint']}), {s['pooling']} pooling, "
                 f"head dropout {o['head_dropout']}, auxiliary LM loss weight {o['lm_weight']}, "
-                f"head alone for {o['freeze_steps']} steps.", "",
+                f"head alone for {o['freeze_steps']} steps, body learning rate x{o.get('body_lr_scale', 1.0)}.", "",
                 f"## {split.capitalize()} scores", "", *markdown_table(header, table)]
     if "comparison" in s:
         c = s["comparison"]

@@ -26,8 +26,17 @@ def register(sub) -> None:
     p = verbs.add_parser("classify", help="train a classification head on (text, label) data; test-split report")
     _add_finetune_options(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the bag-of-words logistic regression")
-    p.add_argument("--pooling", choices=["mean", "last"], default="mean",
-                   help="the head reads the mean of the hidden states or the last token's")
+    p.add_argument("--pooling", choices=["mean", "meanmax", "last", "channel"], default="mean",
+                   help="the head reads the mean of the hidden states, mean and max, or the last token's; "
+                        "channel: no head, the log-likelihood of the text after each label")
+    p.add_argument("--head-dropout", type=float, default=0.0, help="dropout on the pooled features")
+    p.add_argument("--lm-weight", type=float, default=0.0,
+                   help="weight of the next-token loss kept as an auxiliary objective (GPT-1: 0.5)")
+    p.add_argument("--freeze-steps", type=int, default=0, help="first steps that train the head alone")
+    p.add_argument("--body-lr-scale", type=float, default=1.0,
+                   help="the pretrained body's learning rate as a fraction of the head's (0, 1]")
+    p.add_argument("--select", choices=["loss", "accuracy"], default="loss",
+                   help="keep the checkpoint of the best val loss or the best val accuracy")
     p.set_defaults(handler=_classify)
 
     p = verbs.add_parser("sft", help="instruction SFT on chat / prompt-response / GSM8K jsonl")
@@ -54,8 +63,9 @@ def _classify(args) -> int:
     from lathe.finetune.classify import run_classify
 
     run_classify(args.base, args.data, args.out, args.name, overrides_of(args), resume=args.resume, lora=args.lora,
-                 lora_rank=args.lora_rank, baseline=not args.no_baseline,
-                 pooling=args.pooling)
+                 lora_rank=args.lora_rank, baseline=not args.no_baseline, pooling=args.pooling,
+                 head_dropout=args.head_dropout, lm_weight=args.lm_weight, freeze_steps=args.freeze_steps,
+                 body_lr_scale=args.body_lr_scale, select=args.select)
     return 0
 
 

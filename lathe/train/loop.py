@@ -47,14 +47,25 @@ class TrainResult:
     params: int = 0
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not. Fused on GPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   lr_scale: Callable[[str], float] | None = None):
+    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not. Fused on GPU.
+
+    lr_scale(parameter name) -> a multiplier of the scheduled learning rate (discriminative
+    fine-tuning: a pretrained body learns slower than a fresh head); groups record it as "lr_scale"."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.dim() >= 2, lr_scale(name) if lr_scale else 1.0), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+                    for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled learning rate times each group's lr_scale (1 in checkpoints older than it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def micro_index(step: int, micro: int, d: Dist, cfg: TrainConfig) -> int:
@@ -77,16 +88,18 @@ def train(
     loss_fn: LossFn = lm_loss,
     stage: str = "pretrain",
     extra_state: dict | None = None,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> TrainResult:
     """Train `model` in place. Writes out_dir/checkpoints/ and out_dir/metrics.jsonl.
 
-    `evaluate(model)` returns metrics including "val_loss" (used for early stopping)."""
+    `evaluate(model)` returns metrics including "val_loss" (used for early stopping). `lr_scale`: see
+    make_optimizer."""
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(d.device)
-    optimizer = make_optimizer(model, cfg, d.device)
+    optimizer = make_optimizer(model, cfg, d.device, lr_scale)
     state = {"tokens_seen": 0, "best_val": None, "best_checkpoint": None, "bad_evals": 0, "elapsed_s": 0.0}
     start_step = 0
     ckpt = latest_checkpoint(ckpt_root) if resume else None
@@ -130,8 +143,7 @@ def train(
         task = bar.add_task(stage, total=cfg.max_steps, completed=start_step, status="", visible=d.is_main)
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 batch = tuple(t.to(d.device, non_blocking=True) for t in get_batch(micro_index(step, micro, d, cfg)))
