@@ -48,33 +48,45 @@ def polarity_pretraining_text(path: Path, shared: Path, sentences_per_doc: int =
     return path
 
 
-def pretrain_base(workdir: Path, shared: Path, args) -> Path:
-    """workdir/base, made by lathe's pipeline; finished stages are reused and pretraining resumes."""
-    run = RunDir(workdir / "base")
-    if args.fresh:
+def english_sources(shared: Path, domain: Path, domain_weight: float) -> list:
+    """The shared English text plus the unlabelled polarity sentences, weighted (3: each polarity
+    sentence appears three times in train, about a third of the tokens)."""
+    sources: list = [str(shared / "text" / name) for name in ("state_union", "abc", "webtext")]
+    sources.append({"path": str(domain), "weight": domain_weight, "name": "polarity-unlabelled"})
+    return sources
+
+
+def pretrain_run(path: Path, recipe, fresh: bool = False) -> Path:
+    """A run made by lathe's pipeline (data -> tokenizer -> pretrain) at `path`; finished stages are
+    reused and an unfinished pretraining resumes."""
+    run = RunDir(path)
+    if fresh:
         shutil.rmtree(run.path, ignore_errors=True)
     run.path.mkdir(parents=True, exist_ok=True)
-    domain = polarity_pretraining_text(workdir / "polarity_train_unlabelled.jsonl", shared)
-    # domain weight 3: each polarity sentence appears three times in train (about a third of the tokens)
-    sources = [str(shared / "text" / name) for name in ("state_union", "abc", "webtext")]
-    sources.append({"path": str(domain), "weight": args.domain_weight, "name": "polarity-unlabelled"})
-    recipe = load_recipe("default", {
-        "data.sources": sources, "data.max_total_bytes": 20_000_000, "data.min_chars": 64,
-        "model.block_size": args.block_size, "model.n_layer": args.n_layer, "model.n_embd": args.n_embd,
-        "model.n_head": args.n_embd // 32,
-        "train.max_steps": args.pretrain_steps, "train.max_time_s": None, "train.device": args.device,
-        "train.eval_every": 250, "train.checkpoint_every": 100, "train.batch_size": args.pretrain_batch,
-        "train.lr": 3e-3,
-    })
     save_recipe(run, recipe)
     if not run.manifest.exists():
         stage_data(run, recipe)
     if not (run.tokens / "meta.json").exists():
         stage_tokenizer(run, recipe)
     latest = latest_checkpoint(run.checkpoints)
-    if latest is None or load_state(latest)["step"] < args.pretrain_steps:  # not finished yet: resume
+    if latest is None or load_state(latest)["step"] < recipe.train.max_steps:  # not finished yet: resume
         stage_pretrain(run, recipe, resume=True)
     return run.path
+
+
+def pretrain_base(workdir: Path, shared: Path, args) -> Path:
+    """workdir/base: a block-384 base (GSM8K chats need the context) on the English sources."""
+    domain = polarity_pretraining_text(workdir / "polarity_train_unlabelled.jsonl", shared)
+    recipe = load_recipe("default", {
+        "data.sources": english_sources(shared, domain, args.domain_weight), "data.max_total_bytes": 20_000_000,
+        "data.min_chars": 64,
+        "model.block_size": args.block_size, "model.n_layer": args.n_layer, "model.n_embd": args.n_embd,
+        "model.n_head": args.n_embd // 32,
+        "train.max_steps": args.pretrain_steps, "train.max_time_s": None, "train.device": args.device,
+        "train.eval_every": 250, "train.checkpoint_every": 100, "train.batch_size": args.pretrain_batch,
+        "train.lr": 3e-3,
+    })
+    return pretrain_run(workdir / "base", recipe, args.fresh)
 
 
 def main() -> int:

@@ -10,8 +10,9 @@ with a bag-of-words logistic regression on the same split, paired.
    sentence and no label is seen before fine-tuning. Polarity sentences are 20-35 tokens, so the base
    has a short context (block 64), which makes each step cheap, and a word-friendly vocabulary (8k).
 2. Classification: `run_classify` with the options that help a small model on 8.6k examples: the LM
-   loss kept as an auxiliary objective, dropout on the pooled features, a lower LR for the body than
-   the head, and the checkpoint of the best val accuracy (the test split is scored once, for it).
+   loss kept as an auxiliary objective, dropout on the pooled features, optionally a lower LR for the
+   body than the head (--body-lr-scale) or the channel readout (--pooling channel), and the checkpoint
+   of the best val accuracy (the test split is scored once, for it).
 3. The comparison: test accuracy of both, the paired bootstrap interval of the difference and an exact
    McNemar test on the same 1036 test sentences (both from `run_classify`'s report).
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,23 +32,18 @@ import torch
 from lathe.config import load_recipe
 from lathe.finetune.classify import run_classify
 from lathe.io import write_json
-from lathe.pipeline import save_recipe, stage_data, stage_pretrain, stage_tokenizer
-from lathe.rundir import RunDir
-from lathe.train.checkpoint import latest_checkpoint, load_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_quality import SHARED, polarity_pretraining_text  # noqa: E402
-
-ENGLISH = ("state_union", "abc", "webtext")
+from finetune_quality import SHARED, english_sources, polarity_pretraining_text, pretrain_run  # noqa: E402
 
 
-def base_recipe(shared: Path, domain: Path, args):
-    sources = [str(shared / "text" / name) for name in ENGLISH]
-    sources.append({"path": str(domain), "weight": args.domain_weight, "name": "polarity-unlabelled"})
-    return load_recipe("default", {
+def pretrain_base(workdir: Path, shared: Path, args) -> Path:
+    """workdir/base: a short-context (block 64), word-friendly (8k vocab), lower-cased base."""
+    domain = polarity_pretraining_text(workdir / "polarity_train_unlabelled.jsonl", shared)
+    recipe = load_recipe("default", {
         "name": "polarity-base",
-        "data.sources": sources, "data.max_total_bytes": 20_000_000, "data.min_chars": 64,
-        "data.clean.lowercase": True, "data.workers": 1,
+        "data.sources": english_sources(shared, domain, args.domain_weight), "data.max_total_bytes": 20_000_000,
+        "data.min_chars": 64, "data.clean.lowercase": True, "data.workers": 1,
         "tokenizer.vocab_size": args.vocab_size,
         "model.block_size": args.block_size, "model.n_layer": args.n_layer, "model.n_embd": args.n_embd,
         "model.n_head": args.n_embd // 32,
@@ -56,25 +51,7 @@ def base_recipe(shared: Path, domain: Path, args):
         "train.batch_size": args.pretrain_batch, "train.lr": 3e-3, "train.warmup_steps": 50,
         "train.eval_every": 200, "train.checkpoint_every": 200, "train.eval_tokens": 16384,
     })
-
-
-def pretrain_base(workdir: Path, shared: Path, args) -> Path:
-    """workdir/base, made by lathe's pipeline; finished stages are reused and pretraining resumes."""
-    run = RunDir(workdir / "base")
-    if args.fresh:
-        shutil.rmtree(run.path, ignore_errors=True)
-    run.path.mkdir(parents=True, exist_ok=True)
-    domain = polarity_pretraining_text(workdir / "polarity_train_unlabelled.jsonl", shared)
-    recipe = base_recipe(shared, domain, args)
-    save_recipe(run, recipe)
-    if not run.manifest.exists():
-        stage_data(run, recipe)
-    if not (run.tokens / "meta.json").exists():
-        stage_tokenizer(run, recipe)
-    latest = latest_checkpoint(run.checkpoints)
-    if latest is None or load_state(latest)["step"] < args.pretrain_steps:  # not finished yet: resume
-        stage_pretrain(run, recipe, resume=True)
-    return run.path
+    return pretrain_run(workdir / "base", recipe, args.fresh)
 
 
 def parse_args():

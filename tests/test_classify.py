@@ -155,7 +155,10 @@ def test_cli_verbs_parse_and_reach_the_stages(tmp_path, base_run):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "classify", "--base", str(base_run[0]), "--data",
-                              str(tmp_path / "none.jsonl"), "--steps", "5", "--lr", "0.01", "--set", "train.lr=0.02"])
+                              str(tmp_path / "none.jsonl"), "--steps", "5", "--lr", "0.01", "--set", "train.lr=0.02",
+                              "--pooling", "channel", "--lm-weight", "0.5", "--head-dropout", "0.1",
+                              "--freeze-steps", "2", "--body-lr-scale", "0.5", "--select", "accuracy"])
+    assert (args.pooling, args.lm_weight, args.body_lr_scale, args.select) == ("channel", 0.5, 0.5, "accuracy")
     assert overrides_of(args) == ["train.max_steps=5", "train.lr=0.01", "train.lr=0.02"]  # --set comes last, wins
     with pytest.raises(LatheError, match="none.jsonl does not exist"):
         args.handler(args)

@@ -84,7 +84,8 @@ class ChannelHead(nn.Module):
 
     def text_logprobs(self, gpt: GPT, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, n_labels): the summed log-probability of each text's tokens after each label's prefix."""
-        text, n_text = idx[:, 1:], lengths - 1  # idx = <|bos|> + text tokens, right-padded
+        room = gpt.cfg.block_size - 1 - max(map(len, self.prefixes))  # longer texts are cut (as in training)
+        text, n_text = idx[:, 1 : 1 + room], (lengths - 1).clamp(max=room)  # idx = <|bos|> + text, right-padded
         real = torch.arange(text.size(1), device=idx.device)[None, :] < n_text[:, None]
         scores = []
         for prefix in self.prefixes:
