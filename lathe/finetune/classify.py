@@ -82,9 +82,13 @@ class ChannelHead(nn.Module):
         self.prefixes = [list(map(int, p)) for p in prefixes]
         self.bias = nn.Parameter(torch.zeros(len(prefixes)))
 
+    @property
+    def prefix_tokens(self) -> int:
+        return max(map(len, self.prefixes))
+
     def text_logprobs(self, gpt: GPT, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, n_labels): the summed log-probability of each text's tokens after each label's prefix."""
-        room = gpt.cfg.block_size - 1 - max(map(len, self.prefixes))  # longer texts are cut (as in training)
+        room = gpt.cfg.block_size - 1 - self.prefix_tokens  # longer texts are cut (as in training)
         text, n_text = idx[:, 1 : 1 + room], (lengths - 1).clamp(max=room)  # idx = <|bos|> + text, right-padded
         real = torch.arange(text.size(1), device=idx.device)[None, :] < n_text[:, None]
         scores = []
@@ -128,7 +132,7 @@ class Classifier(nn.Module):
     @property
     def prefix_tokens(self) -> int:
         """Tokens the readout adds in front of each text (the channel prefixes)."""
-        return max(map(len, self.head.prefixes)) if self.pooling == "channel" else 0
+        return self.head.prefix_tokens if self.pooling == "channel" else 0
 
     def pool(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
@@ -417,6 +421,8 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
     the test split (for choosing settings without looking at test)."""
     from lathe.tokenizer import Tokenizer
 
+    if not 0 < body_lr_scale <= 1:  # before any output is written
+        raise LatheError(f"body_lr_scale {body_lr_scale}: a fraction of the head's learning rate, in (0, 1]")
     base_run = RunDir.resolve(base)
     out = output_dir(out, name, f"{base_run.path.name}-classify")
     tok = Tokenizer.from_file(base_run.require(base_run.tokenizer, "tokenizer"))
@@ -437,8 +443,6 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
     info("classify: " + ", ".join(f"{n} {len(s)}" for n, s in encoded.items()) + f" examples, labels {labels}")
     if lora:
         model.gpt = apply_lora_if(model.gpt, lora, lora_rank)  # the head stays fully trainable
-    if not 0 < body_lr_scale <= 1:
-        raise LatheError(f"body_lr_scale {body_lr_scale}: a fraction of the head's learning rate, in (0, 1]")
     result, best = train_classifier(model, encoded, cfg, out, resume, lm_weight, freeze_steps, select, body_lr_scale)
     if lora:  # <out>/merged: a plain classifier checkpoint that load_classifier reads
         model.gpt = save_lora_outputs(model.gpt, out)
@@ -506,7 +510,7 @@ def _classify_report(out: Path, s: dict) -> None:
                 f"val {s['counts']['val']}, test {s['counts']['test']}); {s['steps']} steps ({s['stopped']}), "
                 f"weights of the best val {o['select']} ({s['best_checkpoint']}), {s['pooling']} pooling, "
                 f"head dropout {o['head_dropout']}, auxiliary LM loss weight {o['lm_weight']}, "
-                f"head alone for {o['freeze_steps']} steps, body learning rate x{o.get('body_lr_scale', 1.0)}.", "",
+                f"head alone for {o['freeze_steps']} steps, body learning rate x{o['body_lr_scale']}.", "",
                 f"## {split.capitalize()} scores", "", *markdown_table(header, table)]
     if "comparison" in s:
         c = s["comparison"]
