@@ -16,6 +16,10 @@ with a bag-of-words logistic regression on the same split, paired.
 3. The comparison: test accuracy of both, the paired bootstrap interval of the difference and an exact
    McNemar test on the same 1036 test sentences (both from `run_classify`'s report).
 
+polarity.json also holds `domain_lm_loss`: the base's LM loss on polarity sentences it pretrained on
+(train) and on held-out ones (val). The domain text repeats every epoch, so a small base memorizes it;
+the gap shows how much (--pretrain-dropout counters it).
+
 Everything lands in --workdir; polarity.json holds the numbers.
 """
 
@@ -30,7 +34,8 @@ from pathlib import Path
 import torch
 
 from lathe.config import load_recipe
-from lathe.finetune.classify import run_classify
+from lathe.eval.loglik import load_run_model, score_continuations
+from lathe.finetune.classify import read_polarity, run_classify, split_labeled
 from lathe.io import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,12 +51,26 @@ def pretrain_base(workdir: Path, shared: Path, args) -> Path:
         "data.min_chars": 64, "data.clean.lowercase": True, "data.workers": 1,
         "tokenizer.vocab_size": args.vocab_size,
         "model.block_size": args.block_size, "model.n_layer": args.n_layer, "model.n_embd": args.n_embd,
-        "model.n_head": args.n_embd // 32,
+        "model.n_head": args.n_embd // 32, "model.dropout": args.pretrain_dropout,
         "train.max_steps": args.pretrain_steps, "train.max_time_s": None, "train.device": args.device,
         "train.batch_size": args.pretrain_batch, "train.lr": 3e-3, "train.warmup_steps": 50,
         "train.eval_every": 200, "train.checkpoint_every": 200, "train.eval_tokens": 16384,
     })
     return pretrain_run(workdir / "base", recipe, args.fresh)
+
+
+def domain_lm_loss(base: Path, shared: Path, limit: int = 1000) -> dict:
+    """The base's LM loss (nats/token) on polarity sentences it was pretrained on (train) and on ones
+    it never saw (val): text only, no labels. A wide gap means the repeated domain text was memorized
+    rather than learned from, which the val sentences' loss shows first."""
+    model, tok = load_run_model(base, "cpu")
+    splits = split_labeled(read_polarity(shared / "classify"))
+    losses = {}
+    for name in ("train", "val"):
+        pairs = [([tok.bos_id], tok.encode(text)[: model.cfg.block_size - 1]) for text, _ in splits[name][:limit]]
+        scored = score_continuations(model, pairs, batch_size=64)
+        losses[name] = round(-sum(s.logprob for s in scored) / sum(s.tokens for s in scored), 4)
+    return losses
 
 
 def parse_args():
@@ -68,6 +87,8 @@ def parse_args():
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--pretrain-steps", type=int, default=2400)
     p.add_argument("--pretrain-batch", type=int, default=32)
+    p.add_argument("--pretrain-dropout", type=float, default=0.0,
+                   help="dropout while pretraining (the domain sentences repeat for many epochs)")
     p.add_argument("--domain-weight", type=float, default=3.0, help="mixture weight of the unlabelled polarity text")
     p.add_argument("--classify-steps", type=int, default=1500)
     p.add_argument("--classify-lr", type=float, default=5e-4)
@@ -110,7 +131,8 @@ def main() -> int:
     start = time.perf_counter()
     base = args.workdir / "base" if args.skip_pretrain else pretrain_base(args.workdir, args.shared, args)
     numbers: dict = {"device": args.device, "threads": torch.get_num_threads(), "base": str(base),
-                     "pretrain_s": round(time.perf_counter() - start, 1)}
+                     "pretrain_s": round(time.perf_counter() - start, 1),
+                     "domain_lm_loss": domain_lm_loss(base, args.shared)}
     t = time.perf_counter()
     s = classify(base, args)
     c, split = s["comparison"], s["scored_split"]
