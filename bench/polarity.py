@@ -3,6 +3,7 @@ with a bag-of-words logistic regression on the same split, paired.
 
     python bench/polarity.py --threads 1                  # from nothing: data, tokenizer, pretrain, classify
     python bench/polarity.py --threads 1 --skip-pretrain  # reuse workdir/base as it is
+    python bench/polarity.py --threads 1 --skip-pretrain --seeds 5  # an ensemble of 5 fine-tuned classifiers
 
 1. Pretraining (lathe's pipeline: data -> tokenizer -> pretrain) of a classification base: English text
    only (State of the Union, ABC transcripts, web text; no code), lower-cased like the polarity files,
@@ -13,6 +14,9 @@ with a bag-of-words logistic regression on the same split, paired.
    loss kept as an auxiliary objective, dropout on the pooled features, optionally a lower LR for the
    body than the head (--body-lr-scale) or the channel readout (--pooling channel), and the checkpoint
    of the best val accuracy (the test split is scored once, for it).
+   With --seeds N, N classifiers are fine-tuned from the one base (train.seed = 1..N, folders NAME-seedK)
+   and scored as one: their label probabilities averaged (--ensemble-method mean) or their weights
+   (soup), each member at its best val checkpoint (`score_ensemble`).
 3. The comparison: test accuracy of both, the paired bootstrap interval of the difference and an exact
    McNemar test on the same 1036 test sentences (both from `run_classify`'s report).
 
@@ -35,7 +39,7 @@ import torch
 
 from lathe.config import load_recipe
 from lathe.eval.loglik import load_run_model, score_continuations
-from lathe.finetune.classify import read_polarity, run_classify, split_labeled
+from lathe.finetune.classify import ENSEMBLE_METHODS, read_polarity, run_classify, score_ensemble, split_labeled
 from lathe.io import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,6 +102,9 @@ def parse_args():
     p.add_argument("--lm-weight", type=float, default=0.5, help="weight of the auxiliary LM loss (GPT-1: 0.5)")
     p.add_argument("--freeze-steps", type=int, default=0, help="steps that train the head alone")
     p.add_argument("--body-lr-scale", type=float, default=1.0, help="the body's learning rate as a fraction of the head's")
+    p.add_argument("--seeds", type=int, default=1, help="fine-tune this many classifiers and score their ensemble")
+    p.add_argument("--ensemble-method", default="mean", choices=ENSEMBLE_METHODS,
+                   help="mean: average the members' label probabilities; soup: average their weights")
     p.add_argument("--val-only", action="store_true", help="score the val split, not test (for choosing settings)")
     p.add_argument("--resume", action="store_true",
                    help="continue workdir/NAME's classifier run (a finished one is only scored again)")
@@ -109,11 +116,11 @@ def parse_args():
     return args
 
 
-def classify(base: Path, args) -> dict:
+def classify(base: Path, args, name: str, seed: int | None = None) -> dict:
     overrides = [f"train.device={args.device}", f"train.max_steps={args.classify_steps}", f"train.lr={args.classify_lr}",
                  "train.warmup_steps=50", "train.eval_every=100", "train.checkpoint_every=100",
-                 f"model.dropout={args.dropout}", *args.overrides]
-    return run_classify(base, [args.shared / "classify"], out=args.workdir / args.name, overrides=overrides,
+                 f"model.dropout={args.dropout}", *([f"train.seed={seed}"] if seed is not None else []), *args.overrides]
+    return run_classify(base, [args.shared / "classify"], out=args.workdir / name, overrides=overrides,
                         pooling=args.pooling, head_dropout=args.head_dropout, lm_weight=args.lm_weight,
                         freeze_steps=args.freeze_steps, body_lr_scale=args.body_lr_scale, select="accuracy",
                         score_test=not args.val_only,
@@ -134,7 +141,18 @@ def main() -> int:
                      "pretrain_s": round(time.perf_counter() - start, 1),
                      "domain_lm_loss": domain_lm_loss(base, args.shared)}
     t = time.perf_counter()
-    s = classify(base, args)
+    if args.seeds > 1:
+        names = [f"{args.name}-seed{k}" for k in range(1, args.seeds + 1)]
+        members = [classify(base, args, name, seed=k) for k, name in enumerate(names, 1)]
+        s = score_ensemble([args.workdir / n for n in names], [args.shared / "classify"],
+                           out=args.workdir / f"{args.name}-ensemble", method=args.ensemble_method,
+                           score_test=not args.val_only)
+        s["options"] = {**members[0]["options"], "seeds": args.seeds, "ensemble_method": args.ensemble_method}
+        s["best_checkpoint"] = [m["checkpoint"] for m in s["members"]]
+        numbers.update({"member_accuracies": [m["lathe"]["accuracy"] for m in members],
+                        "ensemble_val_accuracy": s["val_accuracy"]})
+    else:
+        s = classify(base, args, args.name)
     c, split = s["comparison"], s["scored_split"]
     numbers.update({"classify_s": round(time.perf_counter() - t, 1), "scored_split": split,
                     "options": s["options"], "best_checkpoint": s["best_checkpoint"],

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from lathe.config import ModelConfig, TokenizerConfig
 from lathe.errors import LatheError
 from lathe.eval.metrics import classification_report
-from lathe.finetune.classify import (Classifier, EncodedSplit, classify_loss_fn, load_classifier, mcnemar_p,
-                                     paired_comparison, predict, read_labeled, read_polarity, run_classify,
-                                     split_labeled)
+from lathe.finetune.classify import (Classifier, EncodedSplit, average_classifiers, classifier_checkpoint,
+                                     classifier_state, classify_loss_fn, load_classifier, mcnemar_p,
+                                     paired_comparison, predict, predict_proba, read_labeled, read_polarity,
+                                     run_classify, score_ensemble, split_labeled)
 from lathe.finetune.sft import load_base_model
 from lathe.io import read_jsonl
 from lathe.model import GPT
@@ -339,3 +340,72 @@ def test_channel_classifier_learns_saves_and_reloads(tmp_path, base_run):
     assert summary["lathe"]["accuracy"] >= 0.9, summary["lathe"]
     model = load_classifier(out)
     assert model.pooling == "channel" and model.head.prefixes == summary["prefixes"]
+
+
+def test_a_run_reloads_at_its_best_val_checkpoint_not_its_latest(tmp_path):
+    root = tmp_path / "clf" / "checkpoints"
+    best, later = tiny_classifier(), tiny_classifier()
+    torch.nn.init.normal_(best.head.weight)
+    save_checkpoint(root, 1, best, None, {**classifier_state(best), "best_checkpoint": "step-000001"})
+    save_checkpoint(root, 2, later, None, {**classifier_state(later), "best_checkpoint": "step-000001"})
+    assert classifier_checkpoint(tmp_path / "clf").name == "step-000001"
+    assert torch.equal(load_classifier(tmp_path / "clf").head.weight, best.head.weight)
+    assert torch.equal(load_classifier(root / "step-000002").head.weight, later.head.weight)  # a checkpoint as given
+
+
+def test_weight_average_is_the_mean_of_every_weight_and_needs_one_architecture():
+    a, b = tiny_classifier(), tiny_classifier()
+    torch.nn.init.normal_(a.head.weight)
+    torch.nn.init.normal_(b.gpt.blocks[0].attn.q_proj.weight)
+    soup = average_classifiers([a, b])
+    assert torch.allclose(soup.head.weight, (a.head.weight + b.head.weight) / 2)
+    wq = lambda m: m.gpt.blocks[0].attn.q_proj.weight  # noqa: E731
+    assert torch.allclose(wq(soup), (wq(a) + wq(b)) / 2)
+    with pytest.raises(LatheError, match="same model config, labels and pooling"):
+        average_classifiers([a, tiny_classifier(pooling="last")])
+
+
+def test_ensemble_averages_member_probabilities_and_scores_like_one_model(tmp_path, base_run):
+    base, tok = base_run
+    data = write_jsonl(tmp_path / "data.jsonl", keyword_examples(300))
+    runs = [tmp_path / f"seed{s}" for s in (1, 2)]
+    for seed, out in zip((1, 2), runs):
+        run_classify(base, [data], out=out, overrides=TRAIN[:1] + ["train.max_steps=20", f"train.seed={seed}"] + TRAIN[2:],
+                     baseline=False, select="accuracy")
+    raw = split_labeled([(r["text"], r["label"]) for r in read_jsonl(data)])
+    members = [load_classifier(run) for run in runs]
+    test = EncodedSplit(tok, raw["test"], members[0].labels, 32)
+    mean = np.mean([predict_proba(m, test)[0] for m in members], axis=0)
+
+    summary = score_ensemble(runs, [data], out=tmp_path / "ens")
+    assert summary["lathe"]["accuracy"] == pytest.approx(float(np.mean(mean.argmax(-1) == test.labels)))
+    assert [m["checkpoint"] for m in summary["members"]] == [classifier_checkpoint(r).name for r in runs]
+    assert summary["scored_split"] == "test" and "comparison" in summary
+    assert (tmp_path / "ens" / "ensemble_report.md").is_file()
+    assert json.loads((tmp_path / "ens" / "ensemble_report.json").read_text())["method"] == "mean"
+
+    soup = score_ensemble(runs, [data], method="soup", score_test=False, baseline=False)
+    averaged = average_classifiers(members)
+    val = EncodedSplit(tok, raw["val"], members[0].labels, 32)
+    assert soup["val_accuracy"] == pytest.approx(float(np.mean(predict(averaged, val)[0] == val.labels)))
+    assert soup["scored_split"] == "val" and "baseline" not in soup
+
+    with pytest.raises(LatheError, match="at least 2"):
+        score_ensemble(runs[:1], [data])
+    with pytest.raises(LatheError, match="method 'vote'"):
+        score_ensemble(runs, [data], method="vote")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "a b c", "label": "zzz"}] * 3 + keyword_examples(60))
+    with pytest.raises(LatheError, match="zzz"):
+        score_ensemble(runs, [other])
+
+    import argparse
+
+    from lathe.finetune.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["finetune", "ensemble", *map(str, runs), "--data", data, "--method", "soup",
+                              "--val-only", "--out", str(tmp_path / "cli")])
+    assert args.handler(args) == 0
+    report = json.loads((tmp_path / "cli" / "ensemble_report.json").read_text())
+    assert report["val_accuracy"] == pytest.approx(soup["val_accuracy"]) and report["scored_split"] == "val"

@@ -51,6 +51,7 @@ from lathe.errors import LatheError
 from lathe.eval.metrics import bootstrap_ci, classification_report, confusion_matrix
 from lathe.finetune.sft import (apply_lora_if, hash_unit, load_base_model, markdown_table, output_dir,
                                 prepare_output, save_lora_outputs, stage_options, write_stage_report)
+from lathe.io import write_json, write_text
 from lathe.model import GPT
 from lathe.rundir import RunDir
 from lathe.train.checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
@@ -175,9 +176,21 @@ def classifier_state(model: Classifier) -> dict:
     return state
 
 
-def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
-    """A classifier saved by `run_classify` (a run dir, checkpoints dir or checkpoint dir)."""
+def classifier_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a classifier run's report scored: a checkpoint dir as given; for a run or
+    checkpoints dir, the best val checkpoint the run recorded (else its latest)."""
+    path = Path(path)
     ckpt = resolve_checkpoint(path)
+    if ckpt == path:
+        return ckpt
+    best = load_state(ckpt).get("best_checkpoint")
+    return ckpt.parent / best if best and (ckpt.parent / best / "state.json").exists() else ckpt
+
+
+def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
+    """A classifier saved by `run_classify` (a run dir or checkpoints dir: its best val checkpoint;
+    or a checkpoint dir)."""
+    ckpt = classifier_checkpoint(path)
     state = load_state(ckpt)
     if "labels" not in state or "pooling" not in state:
         raise LatheError(f"{ckpt}: not a classifier checkpoint (no labels or pooling in state.json)")
@@ -322,30 +335,36 @@ def classify_loss_fn(lm_weight: float = 0.0, freeze_batches: int = 0):
     return loss_fn
 
 
-@torch.no_grad()
 def predict(model, split: EncodedSplit, batch_size: int = 64) -> tuple[np.ndarray, float]:
-    """Predicted label indices for the whole split and the mean cross-entropy, in eval mode (no
-    dropout); the model's train/eval mode is restored afterwards."""
+    """Predicted label indices for the whole split and the mean cross-entropy (see predict_proba)."""
+    probs, nll = predict_proba(model, split, batch_size)
+    return probs.argmax(-1), nll
+
+
+@torch.no_grad()
+def predict_proba(model, split: EncodedSplit, batch_size: int = 64) -> tuple[np.ndarray, float]:
+    """Label probabilities (N, n_labels) for the whole split and the mean cross-entropy, in eval mode
+    (no dropout); the model's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        return _predict(model, split, batch_size)
+        return _predict_proba(model, split, batch_size)
     finally:
         model.train(was_training)
 
 
-def _predict(model, split: EncodedSplit, batch_size: int) -> tuple[np.ndarray, float]:
+def _predict_proba(model, split: EncodedSplit, batch_size: int) -> tuple[np.ndarray, float]:
     device = next(model.parameters()).device
     order = np.argsort([len(ids) for ids in split.ids], kind="stable")  # similar lengths: little padding
-    preds = np.zeros(len(split), dtype=np.int64)
+    probs = np.zeros((len(split), len(model.labels)), dtype=np.float64)
     nll = 0.0
     for start in range(0, len(split), batch_size):
         picks = order[start : start + batch_size]
         ids, lengths, labels = split.batch(picks)
         logits = model(ids.to(device), lengths.to(device)).float()
         nll += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
-        preds[picks] = logits.argmax(-1).cpu().numpy()
-    return preds, nll / max(1, len(split))
+        probs[picks] = logits.softmax(-1).double().cpu().numpy()
+    return probs, nll / max(1, len(split))
 
 
 # --- the baseline -----------------------------------------------------------------------------
@@ -450,8 +469,6 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
 
     scored = "test" if score_test else "val"
     preds, scored_loss = predict(model, encoded[scored])
-    y_true = [labels[i] for i in encoded[scored].labels]
-    y_pred = [labels[i] for i in preds]
     summary = {"base": str(base_run.path), "data": [str(p) for p in data], "labels": labels,
                "counts": {n: len(s) for n, s in encoded.items()},
                "truncated": {n: s.truncated for n, s in encoded.items()},
@@ -461,15 +478,121 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
                            "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                            "dropout": gpt.cfg.dropout},
                "pooling": pooling, "steps": result.step, "stopped": result.stopped, "best_checkpoint": best,
-               "scored_split": scored, f"{scored}_loss": scored_loss, "lathe": scores(y_true, y_pred, labels),
-               "lora": lora, "prefixes": prefixes}
-    if baseline:
-        bow = bag_of_words_baseline(raw["train"], raw["val"], raw[scored])
-        if bow:
-            summary["baseline"] = {"C": bow["C"], **scores(y_true, bow["predictions"], labels)}
-            summary["comparison"] = paired_comparison(y_true, y_pred, bow["predictions"])
+               "scored_split": scored, f"{scored}_loss": scored_loss, "lora": lora, "prefixes": prefixes,
+               **score_predictions(raw, scored, labels, encoded[scored].labels, preds, baseline)}
     _classify_report(out, summary)
     return summary
+
+
+def score_predictions(raw: dict[str, list[tuple[str, str]]], scored: str, labels: list[str], truth: np.ndarray,
+                      preds: np.ndarray, baseline: bool = True) -> dict:
+    """{"lathe": scores} of predicted label indices on split `scored`, and with baseline=True the
+    bag-of-words logistic regression's scores on the same examples and the paired comparison."""
+    y_true, y_pred = [labels[i] for i in truth], [labels[i] for i in preds]
+    summary = {"lathe": scores(y_true, y_pred, labels)}
+    bow = bag_of_words_baseline(raw["train"], raw["val"], raw[scored]) if baseline else {}
+    if bow:
+        summary["baseline"] = {"C": bow["C"], **scores(y_true, bow["predictions"], labels)}
+        summary["comparison"] = paired_comparison(y_true, y_pred, bow["predictions"])
+    return summary
+
+
+# --- ensembles of fine-tuned classifiers ----------------------------------------------------------
+ENSEMBLE_METHODS = ("mean", "soup")
+
+
+def average_classifiers(classifiers: list[Classifier]) -> Classifier:
+    """A uniform "model soup" (Wortsman et al. 2022): one classifier whose every weight is the mean of
+    the members'. Members fine-tuned from one base with different seeds usually stay in one basin,
+    so the average works as one model; they must share the architecture, labels and readout."""
+    first = classifiers[0]
+    for other in classifiers[1:]:
+        if (other.cfg, other.labels, classifier_state(other)) != (first.cfg, first.labels, classifier_state(first)):
+            raise LatheError("a weight average needs members with the same model config, labels and pooling")
+    states = [m.state_dict() for m in classifiers]
+    soup = Classifier(GPT(first.cfg), first.labels, first.pooling, prefixes=classifier_state(first).get("prefixes"))
+    soup.load_state_dict({k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) for k, v in states[0].items()})
+    return soup.to(next(first.parameters()).device)
+
+
+def score_ensemble(runs: list[str | Path], data: list[str | Path], out: str | Path | None = None,
+                   method: str = "mean", score_test: bool = True, baseline: bool = True,
+                   device: str = "cpu") -> dict:
+    """Score several classifier runs (from `run_classify`, each at its best val checkpoint) as one:
+    method="mean" averages their label probabilities, "soup" averages their weights into one model.
+    Reports each member's val accuracy, the ensemble's val accuracy and the scored split (test, or val
+    with score_test=False) against the bag-of-words baseline; writes <out>/ensemble_report.{json,md}."""
+    from lathe.tokenizer import Tokenizer
+
+    if method not in ENSEMBLE_METHODS:
+        raise LatheError(f"ensemble method '{method}': one of {', '.join(ENSEMBLE_METHODS)}")
+    if len(runs) < 2:
+        raise LatheError(f"an ensemble needs at least 2 classifier runs, got {len(runs)}")
+    members = []
+    for run in map(Path, runs):
+        if not (run / "tokenizer.json").is_file():
+            raise LatheError(f"{run}: not a classifier run (no tokenizer.json)")
+        ckpt = classifier_checkpoint(run)
+        members.append({"run": run, "checkpoint": ckpt, "model": load_classifier(ckpt, device).eval(),
+                        "tok": Tokenizer.from_file(run / "tokenizer.json")})
+    labels = members[0]["model"].labels
+    for m in members[1:]:
+        if m["model"].labels != labels:
+            raise LatheError(f"{m['run']}: labels {m['model'].labels} differ from {members[0]['run']}'s {labels}")
+    raw = split_labeled([ex for path in data for ex in read_labeled(path)])
+    scored = "test" if score_test else "val"
+
+    def probs_of(model, tok, split: str) -> np.ndarray:
+        encoded = EncodedSplit(tok, raw[split], labels, model.cfg.block_size - model.prefix_tokens)
+        return predict_proba(model, encoded)[0]
+
+    unknown = sorted({lb for rows in raw.values() for _, lb in rows} - set(labels))
+    if unknown:
+        raise LatheError(f"labels {unknown} in {[str(p) for p in data]} are not among the classifiers' {labels}")
+    truth = {split: np.asarray([labels.index(lb) for _, lb in raw[split]]) for split in ("val", scored)}
+    accuracy = lambda probs, split: float(np.mean(probs.argmax(-1) == truth[split]))  # noqa: E731
+    for m in members:
+        m["val_accuracy"] = accuracy(probs_of(m["model"], m["tok"], "val"), "val")
+    if method == "soup":
+        if len({m["run"].joinpath("tokenizer.json").read_bytes() for m in members}) > 1:
+            raise LatheError("a weight average needs members that share one tokenizer")
+        soup = average_classifiers([m["model"] for m in members])
+        ensemble = {split: probs_of(soup, members[0]["tok"], split) for split in ("val", scored)}
+    else:
+        ensemble = {split: np.mean([probs_of(m["model"], m["tok"], split) for m in members], axis=0)
+                    for split in ("val", scored)}
+    summary = {"method": method, "data": [str(p) for p in data], "labels": labels,
+               "counts": {n: len(rows) for n, rows in raw.items()},
+               "members": [{"run": str(m["run"]), "checkpoint": m["checkpoint"].name, "val_accuracy": m["val_accuracy"]}
+                           for m in members],
+               "val_accuracy": accuracy(ensemble["val"], "val"), "scored_split": scored,
+               **score_predictions(raw, scored, labels, truth[scored], ensemble[scored].argmax(-1), baseline)}
+    if out is not None:
+        _ensemble_report(Path(out), summary)
+    return summary
+
+
+def _ensemble_report(out: Path, s: dict) -> None:
+    split = s["scored_split"]
+    how = "their label probabilities averaged" if s["method"] == "mean" else "their weights averaged into one model"
+    lines = [f"# Classifier ensemble: `{out.name}`", "",
+             f"{len(s['members'])} fine-tuned classifiers, {how}; {split} split scored "
+             f"({s['counts'][split]} examples). Ensemble val accuracy {s['val_accuracy']:.4f}.", "",
+             *markdown_table(["member", "checkpoint", "val accuracy"],
+                             [[m["run"], m["checkpoint"], m["val_accuracy"]] for m in s["members"]]), "",
+             f"## {split.capitalize()} scores", "",
+             *markdown_table(["model", "accuracy", "macro F1"],
+                             [[n, s[k]["accuracy"], s[k]["macro"]["f1"]] for n, k in
+                              (("lathe ensemble", "lathe"), ("bag-of-words logistic regression", "baseline")) if k in s])]
+    if "comparison" in s:
+        c = s["comparison"]
+        lines += ["", f"Paired: ensemble minus bag-of-words accuracy {c['difference']:+.4f}, bootstrap 95% interval "
+                  f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], exact McNemar p = {c['mcnemar_p']:.4f}."]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "ensemble_report.json", s)
+    write_text(out / "ensemble_report.md", "\n".join(lines) + "\n")
+    info(f"ensemble ({s['method']}): val accuracy {s['val_accuracy']:.4f}, {split} accuracy "
+         f"{s['lathe']['accuracy']:.4f}; report {out / 'ensemble_report.md'}")
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:

@@ -1,4 +1,4 @@
-"""CLI verbs: `lathe finetune classify`, `lathe finetune sft` and `lathe distill`.
+"""CLI verbs: `lathe finetune classify`, `lathe finetune ensemble`, `lathe finetune sft` and `lathe distill`.
 
 Cheap to import (the `lathe` command imports every area's CLI): the stage modules, and torch with
 them, are imported inside the handlers.
@@ -39,6 +39,17 @@ def register(sub) -> None:
                    help="keep the checkpoint of the best val loss or the best val accuracy")
     p.set_defaults(handler=_classify)
 
+    p = verbs.add_parser("ensemble", help="score several classifier runs as one (averaged probabilities or weights)")
+    p.add_argument("runs", nargs="+", help="classifier run directories (from `lathe finetune classify`)")
+    p.add_argument("--data", nargs="+", required=True, help="the labelled data they were trained on")
+    p.add_argument("--out", help="folder for ensemble_report.{md,json} (default: print only)")
+    p.add_argument("--method", choices=["mean", "soup"], default="mean",
+                   help="mean: average the label probabilities; soup: average the weights into one model")
+    p.add_argument("--val-only", action="store_true", help="score the val split, not test (for choosing members)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the bag-of-words logistic regression")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=_ensemble)
+
     p = verbs.add_parser("sft", help="instruction SFT on chat / prompt-response / GSM8K jsonl")
     _add_finetune_options(p)
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples held out for val loss")
@@ -66,6 +77,14 @@ def _classify(args) -> int:
                  lora_rank=args.lora_rank, baseline=not args.no_baseline, pooling=args.pooling,
                  head_dropout=args.head_dropout, lm_weight=args.lm_weight, freeze_steps=args.freeze_steps,
                  body_lr_scale=args.body_lr_scale, select=args.select)
+    return 0
+
+
+def _ensemble(args) -> int:
+    from lathe.finetune.classify import score_ensemble
+
+    score_ensemble(args.runs, args.data, args.out, method=args.method, score_test=not args.val_only,
+                   baseline=not args.no_baseline, device=args.device)
     return 0
 
 
