@@ -285,16 +285,15 @@ def classifier_predictions(classifier, tok, rows: list[dict], data) -> list[str]
 
 
 def load_classifier_if_any(run_path: Path, device):
-    """The run's classifier (a checkpoint whose state records labels), else None."""
-    from lathe.train.checkpoint import load_state, resolve_checkpoint
+    """The run's classifier (a checkpoint whose state records labels; its best val one), else None."""
+    from lathe.finetune.classify import classifier_checkpoint, load_classifier
+    from lathe.train.checkpoint import load_state
 
     try:
-        ckpt = resolve_checkpoint(run_path)
+        ckpt = classifier_checkpoint(run_path)
     except LatheError:
         return None
     if "labels" not in load_state(ckpt):
         return None
-    from lathe.finetune.classify import load_classifier
-
     return load_classifier(ckpt, device).eval()
 
