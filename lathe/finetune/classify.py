@@ -529,10 +529,11 @@ def score_ensemble(runs: list[str | Path], data: list[str | Path], out: str | Pa
     if len(runs) < 2:
         raise LatheError(f"an ensemble needs at least 2 classifier runs, got {len(runs)}")
     members = []
-    for run in map(Path, runs):
-        if not (run / "tokenizer.json").is_file():
-            raise LatheError(f"{run}: not a classifier run (no tokenizer.json)")
-        ckpt = classifier_checkpoint(run)
+    for path in map(Path, runs):  # a run dir (its best val checkpoint) or one checkpoint of a run
+        ckpt = classifier_checkpoint(path)
+        run = next((d for d in (path, ckpt.parent.parent) if (d / "tokenizer.json").is_file()), None)
+        if run is None:
+            raise LatheError(f"{path}: not a classifier run (no tokenizer.json)")
         members.append({"run": run, "checkpoint": ckpt, "model": load_classifier(ckpt, device).eval(),
                         "tok": Tokenizer.from_file(run / "tokenizer.json")})
     labels = members[0]["model"].labels
@@ -569,6 +570,14 @@ def score_ensemble(runs: list[str | Path], data: list[str | Path], out: str | Pa
                **score_predictions(raw, scored, labels, truth[scored], ensemble[scored].argmax(-1), baseline)}
     if out is not None:
         _ensemble_report(Path(out), summary)
+    line = (f"ensemble ({method}) of {len(members)}: val accuracy {summary['val_accuracy']:.4f} (members "
+            + ", ".join(f"{m['val_accuracy']:.4f}" for m in members) + ")")
+    if scored != "val":
+        line += f"; {scored} accuracy {summary['lathe']['accuracy']:.4f}"
+    if "comparison" in summary:
+        line += f" (bag-of-words logistic regression {summary['baseline']['accuracy']:.4f}, McNemar p " \
+                f"{summary['comparison']['mcnemar_p']:.3g})"
+    info(line)
     return summary
 
 
@@ -591,8 +600,7 @@ def _ensemble_report(out: Path, s: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ensemble_report.json", s)
     write_text(out / "ensemble_report.md", "\n".join(lines) + "\n")
-    info(f"ensemble ({s['method']}): val accuracy {s['val_accuracy']:.4f}, {split} accuracy "
-         f"{s['lathe']['accuracy']:.4f}; report {out / 'ensemble_report.md'}")
+    info(f"report: {out / 'ensemble_report.md'}")
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
