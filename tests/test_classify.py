@@ -390,6 +390,8 @@ def test_ensemble_averages_member_probabilities_and_scores_like_one_model(tmp_pa
     assert soup["val_accuracy"] == pytest.approx(float(np.mean(predict(averaged, val)[0] == val.labels)))
     assert soup["scored_split"] == "val" and "baseline" not in soup
 
+    one_checkpoint = classifier_checkpoint(runs[0])  # a member may also be one checkpoint of a run
+    assert score_ensemble([one_checkpoint, runs[1]], [data], baseline=False)["lathe"] == summary["lathe"]
     with pytest.raises(LatheError, match="at least 2"):
         score_ensemble(runs[:1], [data])
     with pytest.raises(LatheError, match="method 'vote'"):
