@@ -522,46 +522,37 @@ def score_ensemble(runs: list[str | Path], data: list[str | Path], out: str | Pa
     method="mean" averages their label probabilities, "soup" averages their weights into one model.
     Reports each member's val accuracy, the ensemble's val accuracy and the scored split (test, or val
     with score_test=False) against the bag-of-words baseline; writes <out>/ensemble_report.{json,md}."""
-    from lathe.tokenizer import Tokenizer
-
     if method not in ENSEMBLE_METHODS:
         raise LatheError(f"ensemble method '{method}': one of {', '.join(ENSEMBLE_METHODS)}")
     if len(runs) < 2:
         raise LatheError(f"an ensemble needs at least 2 classifier runs, got {len(runs)}")
-    members = []
-    for path in map(Path, runs):  # a run dir (its best val checkpoint) or one checkpoint of a run
-        ckpt = classifier_checkpoint(path)
-        run = next((d for d in (path, ckpt.parent.parent) if (d / "tokenizer.json").is_file()), None)
-        if run is None:
-            raise LatheError(f"{path}: not a classifier run (no tokenizer.json)")
-        members.append({"run": run, "checkpoint": ckpt, "model": load_classifier(ckpt, device).eval(),
-                        "tok": Tokenizer.from_file(run / "tokenizer.json")})
+    members = [_ensemble_member(Path(path), device) for path in runs]
     labels = members[0]["model"].labels
     for m in members[1:]:
         if m["model"].labels != labels:
             raise LatheError(f"{m['run']}: labels {m['model'].labels} differ from {members[0]['run']}'s {labels}")
     raw = split_labeled([ex for path in data for ex in read_labeled(path)])
-    scored = "test" if score_test else "val"
-
-    def probs_of(model, tok, split: str) -> np.ndarray:
-        encoded = EncodedSplit(tok, raw[split], labels, model.cfg.block_size - model.prefix_tokens)
-        return predict_proba(model, encoded)[0]
-
     unknown = sorted({lb for rows in raw.values() for _, lb in rows} - set(labels))
     if unknown:
         raise LatheError(f"labels {unknown} in {[str(p) for p in data]} are not among the classifiers' {labels}")
-    truth = {split: np.asarray([labels.index(lb) for _, lb in raw[split]]) for split in ("val", scored)}
+    scored = "test" if score_test else "val"
+    splits = sorted({"val", scored})
+    truth = {split: np.asarray([labels.index(lb) for _, lb in raw[split]]) for split in splits}
     accuracy = lambda probs, split: float(np.mean(probs.argmax(-1) == truth[split]))  # noqa: E731
-    for m in members:
-        m["val_accuracy"] = accuracy(probs_of(m["model"], m["tok"], "val"), "val")
+
+    def probs_of(model, tok, split: str) -> np.ndarray:
+        return predict_proba(model, EncodedSplit(tok, raw[split], labels, model.cfg.block_size - model.prefix_tokens))[0]
+
+    member_probs = [{split: probs_of(m["model"], m["tok"], split) for split in splits} for m in members]
+    for m, probs in zip(members, member_probs):
+        m["val_accuracy"] = accuracy(probs["val"], "val")
     if method == "soup":
         if len({m["run"].joinpath("tokenizer.json").read_bytes() for m in members}) > 1:
             raise LatheError("a weight average needs members that share one tokenizer")
         soup = average_classifiers([m["model"] for m in members])
-        ensemble = {split: probs_of(soup, members[0]["tok"], split) for split in ("val", scored)}
+        ensemble = {split: probs_of(soup, members[0]["tok"], split) for split in splits}
     else:
-        ensemble = {split: np.mean([probs_of(m["model"], m["tok"], split) for m in members], axis=0)
-                    for split in ("val", scored)}
+        ensemble = {split: np.mean([probs[split] for probs in member_probs], axis=0) for split in splits}
     summary = {"method": method, "data": [str(p) for p in data], "labels": labels,
                "counts": {n: len(rows) for n, rows in raw.items()},
                "members": [{"run": str(m["run"]), "checkpoint": m["checkpoint"].name, "val_accuracy": m["val_accuracy"]}
@@ -579,6 +570,18 @@ def score_ensemble(runs: list[str | Path], data: list[str | Path], out: str | Pa
                 f"{summary['comparison']['mcnemar_p']:.3g})"
     info(line)
     return summary
+
+
+def _ensemble_member(path: Path, device: str) -> dict:
+    """A run dir (at its best val checkpoint) or one checkpoint of a run: its classifier and tokenizer."""
+    from lathe.tokenizer import Tokenizer
+
+    ckpt = classifier_checkpoint(path)
+    run = next((d for d in (path, ckpt.parent.parent) if (d / "tokenizer.json").is_file()), None)
+    if run is None:
+        raise LatheError(f"{path}: not a classifier run (no tokenizer.json)")
+    return {"run": run, "checkpoint": ckpt, "model": load_classifier(ckpt, device).eval(),
+            "tok": Tokenizer.from_file(run / "tokenizer.json")}
 
 
 def _ensemble_report(out: Path, s: dict) -> None:
