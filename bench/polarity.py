@@ -4,6 +4,7 @@ with a bag-of-words logistic regression on the same split, paired.
     python bench/polarity.py --threads 1                  # from nothing: data, tokenizer, pretrain, classify
     python bench/polarity.py --threads 1 --skip-pretrain  # reuse workdir/base as it is
     python bench/polarity.py --threads 1 --skip-pretrain --seeds 5  # an ensemble of 5 fine-tuned classifiers
+    python bench/polarity.py --threads 1 --backward --name polarity-backward  # a backward base (base-backward)
 
 1. Pretraining (lathe's pipeline: data -> tokenizer -> pretrain) of a classification base: English text
    only (State of the Union, ABC transcripts, web text; no code), lower-cased like the polarity files,
@@ -17,6 +18,9 @@ with a bag-of-words logistic regression on the same split, paired.
    With --seeds N, N classifiers are fine-tuned from the one base (train.seed = 1..N, folders NAME-seedK)
    and scored as one: their label probabilities averaged (--ensemble-method mean) or their weights
    (soup), each member at its best val checkpoint (`score_ensemble`).
+   With --backward the base (workdir/base-backward, model.direction = backward) reads the token
+   stream back to front, and so do its classifiers: ULMFiT's second direction. Forward and backward
+   classifiers ensemble with `lathe finetune ensemble ... --method mean` (a soup needs one direction).
 3. The comparison: test accuracy of both, the paired bootstrap interval of the difference and an exact
    McNemar test on the same 1036 test sentences (both from `run_classify`'s report).
 
@@ -46,8 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_quality import SHARED, english_sources, polarity_pretraining_text, pretrain_run  # noqa: E402
 
 
+def base_dir(workdir: Path, args) -> Path:
+    return workdir / ("base-backward" if args.backward else "base")
+
+
 def pretrain_base(workdir: Path, shared: Path, args) -> Path:
-    """workdir/base: a short-context (block 64), word-friendly (8k vocab), lower-cased base."""
+    """workdir/base (or base-backward): a short-context (block 64), word-friendly (8k vocab), lower-cased base."""
     domain = polarity_pretraining_text(workdir / "polarity_train_unlabelled.jsonl", shared)
     recipe = load_recipe("default", {
         "name": "polarity-base",
@@ -56,11 +64,12 @@ def pretrain_base(workdir: Path, shared: Path, args) -> Path:
         "tokenizer.vocab_size": args.vocab_size,
         "model.block_size": args.block_size, "model.n_layer": args.n_layer, "model.n_embd": args.n_embd,
         "model.n_head": args.n_embd // 32, "model.dropout": args.pretrain_dropout,
+        "model.direction": "backward" if args.backward else "forward",
         "train.max_steps": args.pretrain_steps, "train.max_time_s": None, "train.device": args.device,
         "train.batch_size": args.pretrain_batch, "train.lr": 3e-3, "train.warmup_steps": 50,
         "train.eval_every": 200, "train.checkpoint_every": 200, "train.eval_tokens": 16384,
     })
-    return pretrain_run(workdir / "base", recipe, args.fresh)
+    return pretrain_run(base_dir(workdir, args), recipe, args.fresh)
 
 
 def domain_lm_loss(base: Path, shared: Path, limit: int = 1000) -> dict:
@@ -71,7 +80,10 @@ def domain_lm_loss(base: Path, shared: Path, limit: int = 1000) -> dict:
     splits = split_labeled(read_polarity(shared / "classify"))
     losses = {}
     for name in ("train", "val"):
-        pairs = [([tok.bos_id], tok.encode(text)[: model.cfg.block_size - 1]) for text, _ in splits[name][:limit]]
+        texts = [tok.encode(text) for text, _ in splits[name][:limit]]
+        if model.cfg.direction == "backward":  # the order its classifiers read (EncodedSplit)
+            texts = [ids[::-1] for ids in texts]
+        pairs = [([tok.bos_id], ids[: model.cfg.block_size - 1]) for ids in texts]
         scored = score_continuations(model, pairs, batch_size=64)
         losses[name] = round(-sum(s.logprob for s in scored) / sum(s.tokens for s in scored), 4)
     return losses
@@ -81,7 +93,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("runs/bench-polarity"))
     p.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder")
-    p.add_argument("--fresh", action="store_true", help="delete workdir/base and pretrain from scratch")
+    p.add_argument("--fresh", action="store_true", help="delete the base (workdir/base or base-backward) and pretrain from scratch")
     p.add_argument("--skip-pretrain", action="store_true", help="use workdir/base as it is")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -91,6 +103,8 @@ def parse_args():
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--pretrain-steps", type=int, default=2400)
     p.add_argument("--pretrain-batch", type=int, default=32)
+    p.add_argument("--backward", action="store_true",
+                   help="a backward base (workdir/base-backward): it reads texts back to front (ULMFiT)")
     p.add_argument("--pretrain-dropout", type=float, default=0.0,
                    help="dropout while pretraining (the domain sentences repeat for many epochs)")
     p.add_argument("--domain-weight", type=float, default=3.0, help="mixture weight of the unlabelled polarity text")
@@ -136,7 +150,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base = args.workdir / "base" if args.skip_pretrain else pretrain_base(args.workdir, args.shared, args)
+    base = base_dir(args.workdir, args) if args.skip_pretrain else pretrain_base(args.workdir, args.shared, args)
     numbers: dict = {"device": args.device, "threads": torch.get_num_threads(), "base": str(base),
                      "pretrain_s": round(time.perf_counter() - start, 1),
                      "domain_lm_loss": domain_lm_loss(base, args.shared)}

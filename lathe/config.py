@@ -227,6 +227,9 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    direction: Literal["forward", "backward"] = Field(
+        "forward", description="backward: trained on the token stream back to front (ULMFiT's backward LM, "
+        "ensembled with a forward one); it reads texts reversed and does not generate")
 
     @model_validator(mode="after")
     def _check(self):

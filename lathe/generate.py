@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from lathe.errors import LatheError
 from lathe.model import GPT
 
 
@@ -36,6 +37,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k=None, top_p=None
 
 
 @torch.no_grad()
+def require_forward(model: GPT) -> None:
+    """Every decoder calls this first: a backward model predicts the token before, not the next one."""
+    if model.cfg.direction == "backward":
+        raise LatheError("a backward model (model.direction = 'backward') reads texts back to front for "
+                         "classification; it does not generate")
+
+
 def stream_ids(
     model: GPT,
     prompt_ids: list[int],
@@ -50,6 +58,7 @@ def stream_ids(
     """Yield one list per decoding step: the new token of each sample, or None once it stopped.
 
     Stops at a stop id, at max_tokens, or when the context (block_size) is full."""
+    require_forward(model)
     model.eval()
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

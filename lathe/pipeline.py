@@ -21,7 +21,7 @@ from lathe.model import GPT
 from lathe.report import write_report
 from lathe.rundir import RunDir
 from lathe.tokenizer import Tokenizer, encode_shards, load_tokens, train_tokenizer_stage
-from lathe.train.batches import random_windows
+from lathe.train.batches import in_reading_order, random_windows
 from lathe.train.checkpoint import latest_checkpoint, load_model
 from lathe.train.loop import TrainResult, train
 
@@ -73,7 +73,7 @@ def model_config_for(run: RunDir, recipe: Recipe):
 def stage_pretrain(run: RunDir, recipe: Recipe, resume: bool = False):
     model_cfg, tok = model_config_for(run, recipe)
     run.require(run.token_file("train"), "tokenizer")
-    train_tokens, val_tokens = load_tokens(run, "train"), load_tokens(run, "val")
+    train_tokens, val_tokens = (in_reading_order(load_tokens(run, s), model_cfg) for s in ("train", "val"))
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) < 2:
             raise LatheError(f"the {split} split of {run.path} has no tokens: give the data stage more distinct "
@@ -113,7 +113,7 @@ def stage_eval(run: RunDir, recipe: Recipe) -> dict:
     """Test-split loss/perplexity/bits-per-byte beside the unigram entropy of the training tokens."""
     tok = Tokenizer.from_file(run.require(run.tokenizer, "tokenizer"))
     model = load_model(run.path)
-    test = load_tokens(run, "test")
+    test = in_reading_order(load_tokens(run, "test"), model.cfg)
     metrics = {f"test_{k}": v for k, v in evaluate_lm(model, test, tok.token_bytes(), recipe.eval.max_tokens).items()}
     counts = np.bincount(np.asarray(load_tokens(run, "train")), minlength=tok.vocab_size)
     metrics["unigram_entropy"] = unigram_entropy(counts)

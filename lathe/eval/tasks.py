@@ -81,6 +81,8 @@ def eval_text(model, tok, paths: list[str | Path], max_tokens: int) -> tuple[dic
     per_file, total_nats, total_tokens, total_bytes = [], 0.0, 0, 0
     for path in paths:
         tokens = np.asarray(prompt_ids(tok, _read_text(path)), dtype=np.int64)
+        if model.cfg.direction == "backward":  # <|bos|>, then the text back to front (see EncodedSplit)
+            tokens = np.concatenate([tokens[:1], tokens[1:][::-1]])
         if len(tokens) < 2:
             raise LatheError(f"{path}: no text to score")
         r = evaluate_lm(model, tokens, token_bytes, max_tokens)
@@ -279,7 +281,7 @@ def classifier_predictions(classifier, tok, rows: list[dict], data) -> list[str]
     if unknown:
         raise LatheError(f"{data}: labels {unknown} are not among the classifier's {classifier.labels}")
     examples = [(str(r["text"]), str(r["label"]).strip()) for r in rows]
-    split = EncodedSplit(tok, examples, classifier.labels, classifier.cfg.block_size)
+    split = EncodedSplit(tok, examples, classifier.labels, classifier.cfg.block_size, classifier.cfg.direction)
     predicted, _ = predict(classifier, split)
     return [classifier.labels[i] for i in predicted]
 

@@ -118,6 +118,8 @@ class Classifier(nn.Module):
         if pooling == "channel":
             if prefixes is None or len(prefixes) != len(labels):
                 raise LatheError("channel pooling needs one token prefix per label")
+            if gpt.cfg.direction == "backward":
+                raise LatheError("channel pooling reads the label prefix before the text: it needs a forward model")
             self.head = ChannelHead(prefixes)
             return
         self.head = nn.Linear(gpt.cfg.n_embd * (2 if pooling == "meanmax" else 1), len(labels))
@@ -285,11 +287,15 @@ def split_labeled(examples: list[tuple[str, str]], val_fraction: float = VAL_FRA
 
 
 class EncodedSplit:
-    """Token ids (<|bos|> + text, cut to max_len) and label indices of one split."""
+    """Token ids (<|bos|> + text, cut to max_len) and label indices of one split. For a backward model
+    the text's tokens come reversed, as its pretraining stream had them (see `in_reading_order`)."""
 
-    def __init__(self, tok, examples: list[tuple[str, str]], labels: list[str], max_len: int):
+    def __init__(self, tok, examples: list[tuple[str, str]], labels: list[str], max_len: int,
+                 direction: str = "forward"):
         index = {label: i for i, label in enumerate(labels)}
         encoded = tok.encode_batch([text for text, _ in examples])
+        if direction == "backward":
+            encoded = [ids[::-1] for ids in encoded]
         self.truncated = sum(len(ids) + 1 > max_len for ids in encoded)
         self.ids = [np.asarray([tok.bos_id, *ids][:max_len], dtype=np.int64) for ids in encoded]
         self.labels = np.asarray([index[label] for _, label in examples], dtype=np.int64)
@@ -458,7 +464,7 @@ def run_classify(base: str | Path, data: list[str | Path], out: str | Path | Non
     prefixes = [tok.encode(channel_prefix(label)) for label in labels] if pooling == "channel" else None
     model = Classifier(gpt, labels, pooling, head_dropout, train_lm_head=lm_weight > 0, prefixes=prefixes)
     max_len = gpt.cfg.block_size - model.prefix_tokens
-    encoded = {split: EncodedSplit(tok, rows, labels, max_len) for split, rows in raw.items()}
+    encoded = {split: EncodedSplit(tok, rows, labels, max_len, gpt.cfg.direction) for split, rows in raw.items()}
     info("classify: " + ", ".join(f"{n} {len(s)}" for n, s in encoded.items()) + f" examples, labels {labels}")
     if lora:
         model.gpt = apply_lora_if(model.gpt, lora, lora_rank)  # the head stays fully trainable
@@ -541,7 +547,8 @@ def score_ensemble(runs: list[str | Path], data: list[str | Path], out: str | Pa
     accuracy = lambda probs, split: float(np.mean(probs.argmax(-1) == truth[split]))  # noqa: E731
 
     def probs_of(model, tok, split: str) -> np.ndarray:
-        return predict_proba(model, EncodedSplit(tok, raw[split], labels, model.cfg.block_size - model.prefix_tokens))[0]
+        max_len = model.cfg.block_size - model.prefix_tokens
+        return predict_proba(model, EncodedSplit(tok, raw[split], labels, max_len, model.cfg.direction))[0]
 
     member_probs = [{split: probs_of(m["model"], m["tok"], split) for split in splits} for m in members]
     for m, probs in zip(members, member_probs):

@@ -36,7 +36,7 @@ from lathe.generate import generate
 from lathe.io import read_jsonl, write_text
 from lathe.model import GPT
 from lathe.rundir import RunDir
-from lathe.train.batches import random_windows
+from lathe.train.batches import in_reading_order, random_windows
 from lathe.train.checkpoint import load_model
 from lathe.train.loop import LossFn, lm_loss, train
 
@@ -188,7 +188,7 @@ def run_distill(teacher: str | Path, out: str | Path | None = None, name: str | 
         warn("the student is not smaller than the teacher (set model.n_layer / model.n_embd)")
     prepare_output(out, student_tok_file)
 
-    train_tokens, val_tokens = load_tokens(data_run, "train"), load_tokens(data_run, "val")
+    train_tokens, val_tokens = (in_reading_order(load_tokens(data_run, s), cfg) for s in ("train", "val"))
     student_tokens = None
     if not same_tokenizer:
         teacher_tok = Tokenizer.from_file(teacher_tok_file)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lathe.generate import sample_next
+from lathe.generate import require_forward, sample_next
 from lathe.model import GPT
 
 
@@ -34,6 +34,7 @@ def complete(model: GPT, prompts: list[list[int]], max_new: int, k: int = 1, tem
 
 
 def _complete_chunk(model, prompts, max_new, k, temperature, top_k, generator, stop_ids, pad_id, banned_ids):
+    require_forward(model)
     device = model.lm_head.weight.device
     longest = max(len(p) for p in prompts)
     max_new = min(max_new, model.cfg.block_size - longest)

@@ -285,6 +285,8 @@ def import_tokenizer(folder: Path) -> Tokenizer | None:
 # --- export -----------------------------------------------------------------------------------------
 def export_arch(cfg: ModelConfig) -> str:
     """'llama' or 'gpt2'; otherwise a LatheError naming the field that fits neither."""
+    if cfg.direction == "backward":
+        raise LatheError("cannot export: field 'model.direction' is 'backward'; transformers' causal LMs read forward")
     want = {"llama": {"norm": "rmsnorm", "pos_emb": "rope", "mlp": "swiglu"},
             "gpt2": {"norm": "layernorm", "pos_emb": "learned", "mlp": "gelu"}}
     arch = "llama" if cfg.norm == "rmsnorm" else "gpt2"

@@ -50,7 +50,7 @@ from pydantic import Field, ValidationError, model_validator
 from lathe.chat import render_chat, validate_messages
 from lathe.config import Section, format_validation_error
 from lathe.errors import LatheError
-from lathe.generate import sample_next
+from lathe.generate import require_forward, sample_next
 from lathe.serve.constrained import Constraint, Constrainer, check_matcher
 from lathe.serve.memory import Hit, MemoryStore, memory_note, query_of, with_memory
 from lathe.serve.tools import ToolCall, ToolError, parse_tool_call, run_tool_call
@@ -174,6 +174,7 @@ class Engine:
     def __init__(self, model, tokenizer, memory: MemoryStore | None = None):
         from lathe.tokenizer import SPECIAL_TOKENS
 
+        require_forward(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.memory = memory

@@ -6,6 +6,12 @@ import numpy as np
 import torch
 
 
+def in_reading_order(tokens: np.ndarray, cfg) -> np.ndarray:
+    """The token stream as the model reads it: a backward model reads it back to front (a view, no copy),
+    so each document comes reversed and followed, not preceded, by its <|bos|>."""
+    return tokens[::-1] if cfg.direction == "backward" else tokens
+
+
 def random_windows(tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
     """get_batch(i) -> (x, y): `batch_size` random windows of `block_size` tokens, y shifted by one."""
     n_starts = len(tokens) - block_size - 1
@@ -26,5 +32,5 @@ def sequential_windows(tokens: np.ndarray, block_size: int, max_tokens: int):
     n = min(len(tokens) - 1, max_tokens)
     for start in range(0, n, block_size):
         length = min(block_size, n - start)
-        chunk = torch.from_numpy(np.asarray(tokens[start : start + length + 1], dtype=np.int64))
+        chunk = torch.from_numpy(np.ascontiguousarray(tokens[start : start + length + 1], dtype=np.int64))
         yield chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
