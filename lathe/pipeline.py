@@ -128,6 +128,9 @@ def stage_generate(run: RunDir, recipe: Recipe) -> list[str]:
     g = recipe.generate
     tok = Tokenizer.from_file(run.require(run.tokenizer, "tokenizer"))
     model = load_model(run.path)
+    if model.cfg.direction == "backward":
+        info("generate: skipped (a backward model reads text back to front; it does not generate)")
+        return []
     texts = generate(model, tok, g.prompt, g.max_tokens, g.num_samples, g.temperature, g.top_k, g.top_p, g.stop, g.seed)
     for text in texts:
         append_jsonl(run.samples, {"prompt": g.prompt, "completion": text, "temperature": g.temperature, "seed": g.seed})

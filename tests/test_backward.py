@@ -17,7 +17,7 @@ from lathe.generate import generate
 from lathe.interop.hf import export_hf
 from lathe.io import read_jsonl
 from lathe.model import GPT
-from lathe.pipeline import stage_eval, stage_pretrain
+from lathe.pipeline import stage_eval, stage_generate, stage_pretrain
 from lathe.rundir import RunDir
 from lathe.serve.engine import Engine
 from lathe.tokenizer import encode_shards, load_tokens, train_tokenizer
@@ -66,6 +66,7 @@ def test_backward_pretraining_learns_the_reversed_stream(tmp_path):
     assert backward_loss < evaluate_lm(model, val, bytes_, 2000)["loss"] - 0.3
     assert stage_eval(run, recipe)["test_loss"] == pytest.approx(
         evaluate_lm(model, load_tokens(run, "test")[::-1], bytes_, 2000)["loss"])
+    assert stage_generate(run, recipe) == []  # `lathe run` ends with samples: skipped, not an error
 
 
 def labelled(n: int) -> list[dict]:
