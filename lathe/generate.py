@@ -36,7 +36,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k=None, top_p=None
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def require_forward(model: GPT) -> None:
     """Every decoder calls this first: a backward model predicts the token before, not the next one."""
     if model.cfg.direction == "backward":
@@ -44,6 +43,7 @@ def require_forward(model: GPT) -> None:
                          "classification; it does not generate")
 
 
+@torch.no_grad()
 def stream_ids(
     model: GPT,
     prompt_ids: list[int],
