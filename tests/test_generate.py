@@ -55,3 +55,11 @@ def test_stop_strings_cut_the_output_and_context_is_bounded():
     assert cut == full[: full.index(stop)]
     steps = list(stream_ids(m, list(b"x" * 60), 100, temperature=0))
     assert len(steps) == 4  # block_size 64 leaves room for 4 new tokens
+
+
+def test_decoding_builds_no_autograd_graph():
+    m = model()
+    seen = []
+    m.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
+    list(stream_ids(m, list(b"ab"), max_tokens=3))
+    assert seen and not any(seen)
