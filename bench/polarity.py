@@ -42,8 +42,10 @@ from pathlib import Path
 import torch
 
 from lathe.config import load_recipe
-from lathe.eval.loglik import load_run_model, score_continuations
-from lathe.finetune.classify import ENSEMBLE_METHODS, read_polarity, run_classify, score_ensemble, split_labeled
+from lathe.eval.loglik import load_run_model
+from lathe.eval.perplexity import evaluate_lm
+from lathe.finetune.classify import (ENSEMBLE_METHODS, EncodedSplit, read_polarity, run_classify, score_ensemble,
+                                     split_labeled)
 from lathe.io import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,18 +76,17 @@ def pretrain_base(workdir: Path, shared: Path, args) -> Path:
 
 def domain_lm_loss(base: Path, shared: Path, limit: int = 1000) -> dict:
     """The base's LM loss (nats/token) on polarity sentences it was pretrained on (train) and on ones
-    it never saw (val): text only, no labels. A wide gap means the repeated domain text was memorized
-    rather than learned from, which the val sentences' loss shows first."""
+    it never saw (val): text only, no labels, each sentence as <|bos|> + its tokens in the base's
+    reading order (EncodedSplit's). A wide gap means the repeated domain text was memorized rather
+    than learned from, which the val sentences' loss shows first."""
     model, tok = load_run_model(base, "cpu")
     splits = split_labeled(read_polarity(shared / "classify"))
-    losses = {}
+    token_bytes, losses = tok.token_bytes(), {}
     for name in ("train", "val"):
-        texts = [tok.encode(text) for text, _ in splits[name][:limit]]
-        if model.cfg.direction == "backward":  # the order its classifiers read (EncodedSplit)
-            texts = [ids[::-1] for ids in texts]
-        pairs = [([tok.bos_id], ids[: model.cfg.block_size - 1]) for ids in texts]
-        scored = score_continuations(model, pairs, batch_size=64)
-        losses[name] = round(-sum(s.logprob for s in scored) / sum(s.tokens for s in scored), 4)
+        rows = splits[name][:limit]
+        encoded = EncodedSplit(tok, rows, sorted({label for _, label in rows}), model.cfg.block_size, model.cfg.direction)
+        scored = [evaluate_lm(model, ids, token_bytes, len(ids)) for ids in encoded.ids]
+        losses[name] = round(sum(s["loss"] * s["tokens"] for s in scored) / sum(s["tokens"] for s in scored), 4)
     return losses
 
 

@@ -37,10 +37,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k=None, top_p=None
 
 
 def require_forward(model: GPT) -> None:
-    """Every decoder calls this first: a backward model predicts the token before, not the next one."""
+    """Decoders and continuation scorers call this first: a backward model predicts the token before."""
     if model.cfg.direction == "backward":
         raise LatheError("a backward model (model.direction = 'backward') reads texts back to front for "
-                         "classification; it does not generate")
+                         "classification; it does not generate or score continuations")
 
 
 @torch.no_grad()

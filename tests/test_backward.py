@@ -10,6 +10,7 @@ import torch
 
 from lathe.config import ModelConfig, TokenizerConfig, load_recipe
 from lathe.errors import LatheError
+from lathe.eval.loglik import score_continuations
 from lathe.eval.perplexity import evaluate_lm
 from lathe.finetune.classify import (Classifier, EncodedSplit, load_classifier, predict_proba, run_classify,
                                      score_ensemble, split_labeled)
@@ -119,12 +120,14 @@ def test_a_backward_classifier_reads_reversed_and_ensembles_with_a_forward_one(t
         Classifier(GPT(members["backward"].cfg), ["a", "b"], "channel", prefixes=[[5], [6]])
 
 
-def test_a_backward_model_does_not_generate_or_export(tmp_path, bases):
+def test_a_backward_model_does_not_generate_score_continuations_or_export(tmp_path, bases):
     paths, tok = bases
     model = load_model(paths["backward"])
     with pytest.raises(LatheError, match="does not generate"):
         generate(model, tok, "great", max_tokens=3)
     with pytest.raises(LatheError, match="does not generate"):
         Engine(model, tok)
+    with pytest.raises(LatheError, match="score continuations"):  # the pairs are in text order
+        score_continuations(model, [([tok.bos_id], tok.encode("great"))])
     with pytest.raises(LatheError, match="model.direction"):
         export_hf(model, tok, tmp_path / "hf")

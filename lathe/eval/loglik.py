@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from lathe.generate import stream_ids
+from lathe.generate import require_forward, stream_ids
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ def score_continuations(model, pairs: Sequence[tuple[Sequence[int], Sequence[int
 
     A sequence longer than block_size + 1 keeps its last block_size + 1 tokens (the context is cut
     from the left); a continuation longer than block_size cannot be scored and raises ValueError.
-    Rows are right-padded: attention is causal, so padding after a row's end changes nothing before it."""
+    Rows are right-padded: attention is causal, so padding after a row's end changes nothing before it.
+    The pairs are text order, so a backward model is refused (its log p(continuation | context) is not this)."""
+    require_forward(model)
     block = model.cfg.block_size
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
